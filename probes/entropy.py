@@ -1,0 +1,31 @@
+"""Attention entropy per head (row-normalised, as in Guo et al. 2024's sink-head heuristic,
+repo GuoTianYu2000/Active-Dormant-Attention).
+
+For each query row, entropy H_i = -Σ_j A[i, j] log A[i, j] divided by log(number of visible keys),
+so 1 means uniform attention and 0 attention on a single key. The score is the mean over queries
+(with at least two visible keys) and prompts. It is descriptive: low values mark heads that
+concentrate on few keys (sinks, previous-token heads); the active-dormant probe combines it with
+the sink mass per domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from workbench.scores import ScoreTable
+
+
+@dataclass(frozen=True)
+class EntropyProbe:
+    name: str = "entropy"
+    statistics: tuple[str, ...] = ("normalized_entropy",)
+
+    def score(self, stats: dict[str, np.ndarray]) -> ScoreTable:
+        return ScoreTable(
+            name=self.name,
+            values=stats["normalized_entropy"].mean(axis=0),
+            definition="mean row-normalised attention entropy H_i / log(visible keys) over "
+            "queries and prompts (Guo et al. 2024); 1 = uniform, 0 = a single key",
+        )

@@ -1,0 +1,121 @@
+"""The ``workbench`` command.
+
+Results go to stdout or files, progress to stderr. A user error (unknown model, bad file, bad
+option) prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from workbench.models import list_models
+
+    rows = list_models()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        state = "installed" if r["installed"] else f"missing: {r['install']}"
+        print(f"{r['name']:<{width}}  {state:<10}  {r['description']}")
+
+
+def _cmd_scan(args: argparse.Namespace) -> None:
+    from workbench.models import load
+    from workbench.scan import scan
+
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).stem}.h5"
+    model = load(args.model, device=args.device)
+    result = scan(
+        model,
+        args.prompts,
+        probes=args.probes,
+        out=out,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        path=args.path,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    print(f"run file: {result.path}")
+
+
+def _cmd_cache(args: argparse.Namespace) -> None:
+    from workbench.cache import write_cache
+    from workbench.models import load
+    from workbench.tasks import load_prompts
+
+    prompts = load_prompts(args.prompts)
+    model = load(args.model, device=args.device)
+    path = write_cache(
+        model, prompts, args.hooks, args.out, max_tokens=args.max_tokens, progress=not args.quiet
+    )
+    print(f"cache file: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workbench",
+        description="Find what each attention head does, show it causally, export head maps.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], None], help: str):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    command("models", _cmd_models, "list the built-in models and whether each is installed")
+
+    p = command("scan", _cmd_scan, "run head probes over a prompt set and write a run file")
+    p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")
+    p.add_argument("--prompts", default="demo", help="shipped prompt set or .jsonl/.txt file")
+    p.add_argument("--probes", default="all", help="'all' or comma-separated probe names")
+    p.add_argument("--out", help="run file (default runs/<model>.h5)")
+    p.add_argument("--max-tokens", type=int, help="truncate prompts to this many tokens")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per checkpoint")
+    p.add_argument(
+        "--path",
+        choices=["auto", "pattern", "streamed"],
+        default="auto",
+        help="capture path (auto: patterns when short, streamed kernels when long)",
+    )
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("cache", _cmd_cache, "write hook activations of a prompt set to an HDF5 cache")
+    p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")
+    p.add_argument("--prompts", required=True, help="shipped prompt set or .jsonl/.txt file")
+    p.add_argument("--hooks", required=True, help="hook-name glob(s), e.g. 'blocks.*.attn.hook_z'")
+    p.add_argument("--out", required=True, help="cache file to write (.h5)")
+    p.add_argument("--max-tokens", type=int, help="truncate prompts to this many tokens")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.handler(args)
+    except WorkbenchError as e:
+        print(f"workbench: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("workbench: stopped; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

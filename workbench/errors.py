@@ -1,0 +1,46 @@
+"""Exceptions a user can act on.
+
+Every error the workbench raises on bad input derives from :class:`WorkbenchError` and carries a
+message that says what to do. The CLI prints ``str(error)`` as one line and exits with code 2; the
+Python API lets the specific subclass propagate so notebooks can catch exactly what they expect.
+"""
+
+
+class WorkbenchError(Exception):
+    """Base class: a user-facing problem with a one-line, actionable message."""
+
+
+class UnknownModelError(WorkbenchError, LookupError):
+    """The model spec names no built-in model, local directory, GGUF file or hub model."""
+
+
+class ModelNotInstalledError(WorkbenchError, ModuleNotFoundError):
+    """A built-in model's package is missing; the message says which pip command installs it."""
+
+
+class ModelLoadError(WorkbenchError):
+    """The model files exist but could not be loaded (corrupt, wrong format, no network)."""
+
+
+class PromptSetError(WorkbenchError, ValueError):
+    """A prompt file is missing, empty or not in a supported format."""
+
+
+class RunFileError(WorkbenchError):
+    """A run or cache file cannot be used (missing, foreign, truncated, other schema)."""
+
+
+class ForeignFileError(RunFileError):
+    """The file is HDF5 (or not) but was not written by the workbench."""
+
+
+class SchemaVersionError(RunFileError):
+    """The file was written by a workbench with another schema version."""
+
+
+class RunMismatchError(RunFileError):
+    """A partial run cannot be resumed because its model or prompts differ from the request."""
+
+
+class ShapeError(WorkbenchError, ValueError):
+    """A tensor or array has the wrong shape; the message names the expected one."""

