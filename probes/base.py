@@ -15,5 +15,5 @@ class Probe(Protocol):
     statistics: tuple[str, ...]
 
     def score(self, stats: dict[str, np.ndarray]) -> ScoreTable:
-        """``stats[name]`` is ``[n_prompts, n_layers, n_heads]``; returns ``[n_layers, n_heads]``."""
+        """``stats[name]``: ``[n_prompts, n_layers, n_heads]``; returns ``[n_layers, n_heads]``."""
         ...
