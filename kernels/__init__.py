@@ -1,0 +1,19 @@
+"""Attention-statistics kernels (Triton) and their plain-torch references.
+
+`attention_stats` gives per-query statistics of every head in one streamed pass,
+`received_attention` the per-key column sums (a second pass), `stats_from_pattern` the same
+statistics from a materialised pattern. The definitions are in `kernels.reference`.
+"""
+
+from kernels import reference
+from kernels.attention_stats import attention_stats
+from kernels.received import received_attention
+from kernels.reference import AttentionStats, stats_from_pattern
+
+__all__ = [
+    "AttentionStats",
+    "attention_stats",
+    "received_attention",
+    "reference",
+    "stats_from_pattern",
+]

@@ -1,0 +1,564 @@
+"""Attention statistics: the definitions, and a plain-torch reference for every kernel.
+
+This module is the one place where the statistics are defined. The Triton kernels
+(`kernels.attention_stats`, `kernels.received`) compute the same numbers in one streamed pass;
+`stats_from_pattern` computes them from an already materialised probability pattern (the
+short "pattern" capture path). Tests hold all three together.
+
+Notation
+--------
+For batch row ``b``, query head ``h`` and query row ``i`` (absolute key position ``p_i``, see
+``q_positions``), the scores over keys ``j`` are ``s_ij = scale · q_i · k_j`` (fp32), with
+``scale = d_head ** -0.5`` unless given. Query head ``h`` reads key/value head
+``h // (n_heads // n_kv_heads)`` (grouped-query attention, the Hugging Face ``repeat_kv`` rule).
+
+Key ``j`` is *visible* to query ``i`` when ``key_padding_mask[b, j]`` is True (a real token) and,
+for causal attention, ``j <= p_i``. The attention probabilities are the softmax over the visible
+keys, ``P_ij = exp(s_ij - lse_i)`` for visible ``j`` and 0 otherwise.
+
+Statistics per (batch, head, query) -- ``AttentionStats``
+---------------------------------------------------------
+- ``lse``: ``log Σ_visible exp(s_ij)`` (natural log).
+- ``entropy``: ``-Σ_j P_ij log P_ij`` in nats. The streamed kernels use the stable running form
+  ``u = Σ e^{s-m} (s - m)``, ``l = Σ e^{s-m}``, ``H = log l - u / l``, which is the same number.
+- ``max_prob``: ``max_j P_ij``; ``argmax``: the key index where it is reached. Ties go to the
+  smallest key index. Computed from scores where scores exist (kernels, reference), from
+  probabilities in ``stats_from_pattern``; two keys whose probabilities round to the same value
+  may therefore come out in either order between the paths.
+- ``sink_mass``: ``Σ_{j < S} P_ij`` with ``S = sink_size`` (the first S keys, StreamingLLM's
+  "attention sinks").
+- ``span_mass[..., n]``: ``Σ_{start_n <= j < end_n} P_ij`` for each given key span (e.g. the
+  needle of a needle-in-a-haystack prompt).
+- ``outside_mass``: ``Σ_{S <= j <= p_i - W} P_ij`` with ``W = recent_window``: the mass on keys
+  that are neither sinks nor among the ``W`` most recent keys (the query's own key included). It
+  is what a head loses when its cache keeps only sinks plus a recent window, the proxy used to
+  tell streaming heads from retrieval heads. For bidirectional attention, keys after ``p_i`` are
+  not counted as outside either.
+- ``output``: ``Σ_j P_ij v_j`` (only on request; in v's dtype).
+
+A *fully masked* row (no visible key, e.g. a left-padding query under a causal mask) has
+``lse = -inf``, ``entropy = 0``, ``max_prob = 0``, ``argmax = -1``, all masses 0 and output 0.
+
+Statistic per (batch, head, key) -- ``received_attention``
+-----------------------------------------------------------
+``R_bhj = Σ_{i selected} P_ij``: the column sums of the attention pattern over the queries
+selected by ``query_mask`` (all by default). It needs the final ``lse`` of each row, so it is a
+second pass. Padding keys receive 0.
+
+The references below chunk over queries and keys, so their memory is
+O(batch · n_heads · chunk²) on any device; they accumulate in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+__all__ = ["AttentionStats", "attention_stats", "received_attention", "stats_from_pattern"]
+
+SpansLike = Tensor | Sequence[Sequence[int]]
+
+
+@dataclass
+class AttentionStats:
+    """Per-(batch, head, query) attention statistics; definitions in `kernels.reference`.
+
+    All tensors are fp32 and shaped ``[batch, n_heads, q_len]`` unless said otherwise.
+    ``lse`` and ``output`` are None when computed from a materialised pattern.
+    """
+
+    lse: Tensor | None  # [batch, n_heads, q_len]
+    entropy: Tensor  # [batch, n_heads, q_len]
+    max_prob: Tensor  # [batch, n_heads, q_len]
+    argmax: Tensor  # [batch, n_heads, q_len] int64, -1 for fully masked rows
+    sink_mass: Tensor  # [batch, n_heads, q_len]
+    span_mass: Tensor | None = None  # [batch, n_heads, q_len, n_spans]
+    outside_mass: Tensor | None = None  # [batch, n_heads, q_len]
+    output: Tensor | None = None  # [batch, n_heads, q_len, d_head] in v's dtype
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> AttentionStats:
+        """A new AttentionStats with ``fn`` applied to every tensor that is present."""
+        return AttentionStats(
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in fields(self)
+            }
+        )
+
+    def to(self, device: torch.device | str) -> AttentionStats:
+        """Every tensor moved to ``device``."""
+        return self.apply(lambda t: t.to(device))
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            t = getattr(self, f.name)
+            desc = (
+                "None" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            )
+            parts.append(f"  {f.name}: {desc}")
+        return "AttentionStats(\n" + "\n".join(parts) + "\n)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checking shared by every backend.
+
+
+@dataclass
+class _Args:
+    """Validated, normalised arguments (shapes in comments)."""
+
+    scale: float
+    q_positions: Tensor  # [q_len] int64 on q's device
+    key_padding_mask: Tensor | None  # [batch, k_len] bool
+    spans: Tensor | None  # [batch or 1, n_spans, 2] int64 on q's device
+    default_positions: bool  # q_positions == arange(k_len - q_len, k_len)
+
+
+def _shape(t: Tensor) -> str:
+    return f"{tuple(t.shape)}"
+
+
+def check_qk(q: Tensor, k: Tensor, v: Tensor | None = None) -> None:
+    """Raise ValueError unless q, k (and v) have the documented shapes and dtypes."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, n_heads, q_len, d_head], got shape {_shape(q)}")
+    batch, n_heads, _, d_head = q.shape
+    if k.ndim != 4 or k.shape[0] != batch or k.shape[3] != d_head:
+        raise ValueError(
+            f"k must be [batch={batch}, n_kv_heads, k_len, d_head={d_head}], got shape {_shape(k)}"
+        )
+    if k.shape[1] == 0 or n_heads % k.shape[1] != 0:
+        raise ValueError(
+            f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({k.shape[1]}); "
+            f"q is {_shape(q)}, k is {_shape(k)}"
+        )
+    if v is not None and (v.ndim != 4 or v.shape[:3] != k.shape[:3]):
+        raise ValueError(
+            f"v must be [batch, n_kv_heads, k_len, d_v] matching k {_shape(k)}, got {_shape(v)}"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t is not None and (t.dtype != q.dtype or t.device != q.device):
+            raise ValueError(
+                f"{name} must have q's dtype and device ({q.dtype}, {q.device}), "
+                f"got {t.dtype}, {t.device}"
+            )
+    if not q.is_floating_point():
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+
+
+def check_args(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float | None,
+    q_positions: Tensor | None,
+    key_padding_mask: Tensor | None,
+    spans: SpansLike | None = None,
+    sink_size: int = 0,
+    recent_window: int | None = None,
+) -> _Args:
+    """Validate and normalise the keyword arguments shared by all kernels."""
+    batch, _, q_len, d_head = q.shape
+    k_len = k.shape[2]
+    if scale is None:
+        scale = d_head**-0.5
+    if sink_size < 0:
+        raise ValueError(f"sink_size must be >= 0, got {sink_size}")
+    if recent_window is not None and recent_window < 1:
+        raise ValueError(f"recent_window must be >= 1 or None, got {recent_window}")
+
+    default_positions = q_positions is None
+    if q_positions is None:
+        if q_len > k_len:
+            raise ValueError(
+                f"q_len ({q_len}) > k_len ({k_len}): pass q_positions to place the queries"
+            )
+        q_positions = torch.arange(k_len - q_len, k_len, device=q.device)
+    else:
+        q_positions = torch.as_tensor(q_positions, device=q.device)
+        if q_positions.shape != (q_len,) or q_positions.is_floating_point():
+            raise ValueError(
+                f"q_positions must be an integer tensor [q_len={q_len}], "
+                f"got {q_positions.dtype} {_shape(q_positions)}"
+            )
+        q_positions = q_positions.long()
+        if q_len and bool((q_positions < 0).any() | (q_positions >= k_len).any()):
+            raise ValueError(f"q_positions must lie in [0, k_len={k_len})")
+
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, k_len) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"key_padding_mask must be bool [batch={batch}, k_len={k_len}], "
+                f"got {key_padding_mask.dtype} {_shape(key_padding_mask)}"
+            )
+        key_padding_mask = key_padding_mask.to(q.device)
+
+    spans_t = None
+    if spans is not None:
+        spans_t = torch.as_tensor(spans, device=q.device)
+        if spans_t.ndim == 2:
+            spans_t = spans_t[None]
+        if (
+            spans_t.ndim != 3
+            or spans_t.shape[-1] != 2
+            or spans_t.shape[0] not in (1, batch)
+            or spans_t.is_floating_point()
+        ):
+            raise ValueError(
+                f"spans must be integer [n_spans, 2] or [batch={batch}, n_spans, 2] "
+                f"[start, end) ranges, got {_shape(torch.as_tensor(spans))}"
+            )
+        spans_t = spans_t.long()
+    return _Args(float(scale), q_positions, key_padding_mask, spans_t, default_positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# The definitions, applied to one block of keys.
+
+
+def _visible(
+    key_idx: Tensor, q_pos: Tensor, *, causal: bool, key_padding_mask: Tensor | None
+) -> Tensor:
+    """Visibility of keys ``key_idx`` [kc] to queries at ``q_pos`` [qc]: [batch or 1, 1, qc, kc]."""
+    vis = torch.ones(1, 1, q_pos.shape[0], key_idx.shape[0], dtype=torch.bool, device=q_pos.device)
+    if causal:
+        vis = vis & (key_idx[None, :] <= q_pos[:, None])
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask[:, key_idx][:, None, None, :]
+    return vis
+
+
+class _Reducer:
+    """Accumulates the per-query statistics over key blocks of a probability pattern."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        q_pos: Tensor,
+        *,
+        sink_size: int,
+        recent_window: int | None,
+        spans: Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
+        device = q_pos.device
+        self.q_pos = q_pos  # [qc]
+        self.sink_size = sink_size
+        self.recent_window = recent_window
+        self.spans = spans  # [batch or 1, n_spans, 2]
+        self.entropy = torch.zeros(shape, dtype=dtype, device=device)  # [batch, heads, qc]
+        self.max_prob = torch.zeros(shape, dtype=dtype, device=device)
+        self.best = torch.full(shape, -math.inf, dtype=dtype, device=device)  # argmax criterion
+        self.argmax = torch.full(shape, -1, dtype=torch.int64, device=device)
+        self.sink = torch.zeros(shape, dtype=dtype, device=device)
+        self.outside = None if recent_window is None else torch.zeros_like(self.sink)
+        self.span = None
+        if spans is not None:
+            self.span = torch.zeros(*shape, spans.shape[1], dtype=dtype, device=device)
+
+    def update(self, p: Tensor, key_idx: Tensor, criterion: Tensor | None = None) -> None:
+        """Fold in probabilities ``p`` [batch, heads, qc, kc] (0 where not visible) of keys
+        ``key_idx`` [kc]. ``criterion`` (same shape, -inf where not visible) decides the argmax;
+        by default the probabilities themselves (with 0 meaning "not a candidate")."""
+        if criterion is None:
+            criterion = torch.where(p > 0, p, -math.inf)
+        self.entropy -= torch.where(p > 0, p * torch.log(p), 0.0).sum(-1)
+        self.max_prob = torch.maximum(self.max_prob, p.amax(-1))
+        # torch.max returns the first maximal index; strict '>' keeps earlier blocks on ties.
+        best, arg = criterion.max(-1)
+        better = best > self.best
+        self.best = torch.where(better, best, self.best)
+        self.argmax = torch.where(better, arg + key_idx[0], self.argmax)
+        self.sink += p[..., key_idx < self.sink_size].sum(-1)
+        if self.outside is not None:
+            outside = (key_idx[None, :] >= self.sink_size) & (
+                key_idx[None, :] <= self.q_pos[:, None] - self.recent_window
+            )  # [qc, kc]
+            self.outside += (p * outside).sum(-1)
+        if self.span is not None:
+            start, end = self.spans[..., 0:1], self.spans[..., 1:2]  # [batch or 1, n_spans, 1]
+            inside = (key_idx >= start) & (key_idx < end)  # [batch or 1, n_spans, kc]
+            self.span += torch.einsum("bhqk,bnk->bhqn", p, inside.to(p.dtype))
+
+    def finish(self) -> dict[str, Tensor | None]:
+        return {
+            "entropy": self.entropy,
+            "max_prob": self.max_prob,
+            "argmax": self.argmax,
+            "sink_mass": self.sink,
+            "span_mass": self.span,
+            "outside_mass": self.outside,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# References.
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """q [batch, n_heads, qc, d] · k [batch, n_kv, kc, d] -> scores [batch, n_heads, qc, kc],
+    without repeating k: query heads are grouped by the kv head they read."""
+    batch, n_heads, qc, d = q.shape
+    n_kv, kc = k.shape[1], k.shape[2]
+    qg = q.to(dtype).reshape(batch, n_kv, n_heads // n_kv, qc, d)  # [b, kv, group, qc, d]
+    s = qg @ k.to(dtype)[:, :, None].transpose(-1, -2)  # [b, kv, group, qc, kc]
+    return s.reshape(batch, n_heads, qc, kc) * scale
+
+
+def _pv(p: Tensor, v: Tensor) -> Tensor:
+    """p [batch, n_heads, qc, kc] @ v [batch, n_kv, kc, dv] -> [batch, n_heads, qc, dv]."""
+    batch, n_heads, qc, kc = p.shape
+    n_kv = v.shape[1]
+    out = p.reshape(batch, n_kv, n_heads // n_kv, qc, kc) @ v.to(p.dtype)[:, :, None]
+    return out.reshape(batch, n_heads, qc, v.shape[-1])
+
+
+def _lse(q: Tensor, k: Tensor, a: _Args, causal: bool, chunk: int, dtype: torch.dtype) -> Tensor:
+    """Log-sum-exp of the visible scores, [batch, n_heads, q_len], chunked over q and k."""
+    batch, n_heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    lse = torch.full((batch, n_heads, q_len), -math.inf, dtype=dtype, device=q.device)
+    for q0 in range(0, q_len, chunk):
+        q_pos = a.q_positions[q0 : q0 + chunk]
+        for k0 in range(0, k_len, chunk):
+            key_idx = torch.arange(k0, min(k0 + chunk, k_len), device=q.device)
+            s = _scores(q[:, :, q0 : q0 + chunk], k[:, :, k0 : k0 + chunk], a.scale, dtype)
+            vis = _visible(key_idx, q_pos, causal=causal, key_padding_mask=a.key_padding_mask)
+            s = s.masked_fill(~vis, -math.inf)
+            lse[:, :, q0 : q0 + chunk] = torch.logaddexp(
+                lse[:, :, q0 : q0 + chunk], torch.logsumexp(s, dim=-1)
+            )
+    return lse
+
+
+def attention_stats(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    sink_size: int = 1,
+    recent_window: int | None = None,
+    spans: SpansLike | None = None,
+    q_positions: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    return_output: bool = False,
+    chunk_size: int = 512,
+) -> AttentionStats:
+    """Reference for `kernels.attention_stats` (same arguments; see that function).
+
+    Two passes over key chunks: the log-sum-exp, then the probabilities with the final lse
+    folded into the statistics. Memory O(batch · n_heads · chunk_size²).
+    """
+    check_qk(q, k, v)
+    if return_output and v is None:
+        raise ValueError("return_output=True needs v")
+    a = check_args(
+        q,
+        k,
+        scale=scale,
+        q_positions=q_positions,
+        key_padding_mask=key_padding_mask,
+        spans=spans,
+        sink_size=sink_size,
+        recent_window=recent_window,
+    )
+    dtype = _acc_dtype(q)
+    batch, n_heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    if q_len == 0:
+        return _empty_stats(q, v, a, recent_window, return_output, dtype)
+    lse = _lse(q, k, a, causal, chunk_size, dtype)  # [batch, n_heads, q_len]
+
+    parts: list[dict[str, Tensor | None]] = []
+    outputs: list[Tensor] = []
+    for q0 in range(0, q_len, chunk_size):
+        q_pos = a.q_positions[q0 : q0 + chunk_size]
+        q_blk = q[:, :, q0 : q0 + chunk_size]
+        lse_blk = lse[:, :, q0 : q0 + chunk_size, None]  # [batch, n_heads, qc, 1]
+        red = _Reducer(
+            (batch, n_heads, q_pos.shape[0]),
+            q_pos,
+            sink_size=sink_size,
+            recent_window=recent_window,
+            spans=a.spans,
+            dtype=dtype,
+        )
+        acc = None
+        if return_output:
+            acc = torch.zeros(
+                batch, n_heads, q_pos.shape[0], v.shape[-1], dtype=dtype, device=q.device
+            )
+        for k0 in range(0, k_len, chunk_size):
+            key_idx = torch.arange(k0, min(k0 + chunk_size, k_len), device=q.device)
+            s = _scores(q_blk, k[:, :, k0 : k0 + chunk_size], a.scale, dtype)
+            vis = _visible(key_idx, q_pos, causal=causal, key_padding_mask=a.key_padding_mask)
+            s = s.masked_fill(~vis, -math.inf)  # [batch, n_heads, qc, kc]
+            p = torch.where(vis, torch.exp(s - lse_blk), 0.0)
+            red.update(p, key_idx, criterion=s)
+            if acc is not None:
+                acc += _pv(p, v[:, :, k0 : k0 + chunk_size])
+        parts.append(red.finish())
+        if acc is not None:
+            outputs.append(acc)
+
+    def cat(name: str) -> Tensor | None:
+        if parts[0][name] is None:
+            return None
+        return torch.cat([p[name] for p in parts], dim=2)
+
+    return AttentionStats(
+        lse=lse,
+        entropy=cat("entropy"),
+        max_prob=cat("max_prob"),
+        argmax=cat("argmax"),
+        sink_mass=cat("sink_mass"),
+        span_mass=cat("span_mass"),
+        outside_mass=cat("outside_mass"),
+        output=torch.cat(outputs, dim=2).to(v.dtype) if return_output else None,
+    )
+
+
+def _empty_stats(
+    q: Tensor,
+    v: Tensor | None,
+    a: _Args,
+    recent_window: int | None,
+    return_output: bool,
+    dtype: torch.dtype,
+) -> AttentionStats:
+    batch, n_heads, q_len, _ = q.shape
+    z = q.new_zeros((batch, n_heads, q_len), dtype=dtype)
+    return AttentionStats(
+        lse=z.clone(),
+        entropy=z.clone(),
+        max_prob=z.clone(),
+        argmax=z.long(),
+        sink_mass=z.clone(),
+        span_mass=None if a.spans is None else z.new_zeros(*z.shape, a.spans.shape[1]),
+        outside_mass=None if recent_window is None else z.clone(),
+        output=q.new_zeros((batch, n_heads, q_len, v.shape[-1]), dtype=v.dtype)
+        if return_output
+        else None,
+    )
+
+
+def received_attention(
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    q_positions: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    query_mask: Tensor | None = None,
+    chunk_size: int = 512,
+) -> Tensor:
+    """Reference for `kernels.received_attention`: column sums ``Σ_i P_ij`` over selected
+    queries, [batch, n_heads, k_len] fp32 (fp64 for fp64 inputs)."""
+    check_qk(q, k)
+    a = check_args(q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask)
+    batch, n_heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    check_lse_and_query_mask(lse, query_mask, batch, n_heads, q_len)
+    dtype = _acc_dtype(q)
+    lse = lse.to(dtype)
+    if query_mask is not None:
+        lse = lse.masked_fill(~query_mask.to(q.device)[:, None, :], math.inf)
+    out = torch.zeros(batch, n_heads, k_len, dtype=dtype, device=q.device)
+    for k0 in range(0, k_len, chunk_size):
+        key_idx = torch.arange(k0, min(k0 + chunk_size, k_len), device=q.device)
+        for q0 in range(0, q_len, chunk_size):
+            q_pos = a.q_positions[q0 : q0 + chunk_size]
+            s = _scores(
+                q[:, :, q0 : q0 + chunk_size], k[:, :, k0 : k0 + chunk_size], a.scale, dtype
+            )
+            vis = _visible(key_idx, q_pos, causal=causal, key_padding_mask=a.key_padding_mask)
+            lse_blk = lse[:, :, q0 : q0 + chunk_size, None]
+            vis = vis & torch.isfinite(lse_blk)  # unselected (+inf) and fully masked (-inf) rows
+            p = torch.where(vis, torch.exp(s - lse_blk), 0.0)  # [batch, n_heads, qc, kc]
+            out[:, :, k0 : k0 + chunk_size] += p.sum(2)
+    return out
+
+
+def check_lse_and_query_mask(
+    lse: Tensor, query_mask: Tensor | None, batch: int, n_heads: int, q_len: int
+) -> None:
+    """Raise ValueError unless lse is [batch, n_heads, q_len] and query_mask bool [batch, q_len]."""
+    if lse.shape != (batch, n_heads, q_len):
+        raise ValueError(
+            f"lse must be [batch={batch}, n_heads={n_heads}, q_len={q_len}], got {_shape(lse)}"
+        )
+    if query_mask is not None and (
+        query_mask.shape != (batch, q_len) or query_mask.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"query_mask must be bool [batch={batch}, q_len={q_len}], "
+            f"got {query_mask.dtype} {_shape(query_mask)}"
+        )
+
+
+def stats_from_pattern(
+    pattern: Tensor,
+    *,
+    sink_size: int = 1,
+    recent_window: int | None = None,
+    spans: SpansLike | None = None,
+    q_positions: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    chunk_size: int = 4096,
+) -> AttentionStats:
+    """The statistics of a materialised probability pattern [batch, n_heads, q_len, k_len].
+
+    Same definitions as `attention_stats` (module docstring); ``lse`` and ``output`` are None.
+    Entries at keys that are not visible are ignored: padding keys (``key_padding_mask``
+    False) and, with ``causal=True``, keys after the query's position. Without ``causal`` the
+    pattern's own zeros do the causal masking -- but eager attention spreads a fully masked row
+    (a left-padding query) uniformly over all keys, so pass ``causal=True`` for causal models
+    with padding. A row with no positive visible entry counts as fully masked. The argmax is
+    taken over probabilities (ties: smallest key index).
+    """
+    if pattern.ndim != 4:
+        raise ValueError(
+            f"pattern must be [batch, n_heads, q_len, k_len], got shape {_shape(pattern)}"
+        )
+    batch, n_heads, q_len, k_len = pattern.shape
+    dummy_q = pattern.new_empty((batch, n_heads, q_len, 1))
+    dummy_k = pattern.new_empty((batch, 1, k_len, 1))
+    a = check_args(
+        dummy_q,
+        dummy_k,
+        scale=1.0,
+        q_positions=q_positions,
+        key_padding_mask=key_padding_mask,
+        spans=spans,
+        sink_size=sink_size,
+        recent_window=recent_window,
+    )
+    dtype = _acc_dtype(pattern)
+    red = _Reducer(
+        (batch, n_heads, q_len),
+        a.q_positions,
+        sink_size=sink_size,
+        recent_window=recent_window,
+        spans=a.spans,
+        dtype=dtype,
+    )
+    for k0 in range(0, k_len, chunk_size):
+        key_idx = torch.arange(k0, min(k0 + chunk_size, k_len), device=pattern.device)
+        p = pattern[..., k0 : k0 + chunk_size].to(dtype)
+        vis = _visible(key_idx, a.q_positions, causal=causal, key_padding_mask=a.key_padding_mask)
+        red.update(p * vis, key_idx)
+    return AttentionStats(lse=None, **red.finish())
