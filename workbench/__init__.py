@@ -12,7 +12,7 @@ The notebook surface::
 from workbench.cache import open_cache, write_cache
 from workbench.errors import WorkbenchError
 from workbench.models import Model, ModelInfo, list_models, load
-from workbench.scan import ScanResult, scan
+from workbench.scanner import ScanResult, scan
 from workbench.store import Run, open_run
 
 __all__ = [

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from workbench.errors import WorkbenchError
+from workbench.errors import MissingEntryError, WorkbenchError
 from workbench.models import Model, ModelInfo
 from workbench.store import UTF8, model_info_from_attrs, open_h5, partial_path, workbench_version
 from workbench.tasks import PromptSet
@@ -125,7 +125,7 @@ class ActivationCache:
     def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
         hook, index = key
         if hook not in self.hooks:
-            raise KeyError(f"hook {hook!r} is not in this cache (has {len(self.hooks)} hooks)")
+            raise MissingEntryError(f"hook {hook!r} is not in {self.path} (has {self.hooks})")
         if not 0 <= index < self.n_prompts:
             raise IndexError(f"prompt index {index} out of range 0..{self.n_prompts - 1}")
         return torch.from_numpy(self._f[f"acts/{hook}/{index}"][()])

@@ -29,7 +29,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 def _cmd_scan(args: argparse.Namespace) -> None:
     from workbench.models import load
-    from workbench.scan import scan
+    from workbench.scanner import scan
 
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).stem}.h5"
     model = load(args.model, device=args.device)
@@ -45,6 +45,21 @@ def _cmd_scan(args: argparse.Namespace) -> None:
     )
     print(result.summary())
     print(f"run file: {result.path}")
+
+
+def _cmd_show(args: argparse.Namespace) -> None:
+    from workbench.scanner import ScanResult
+    from workbench.store import open_run
+
+    with open_run(args.run) as run:
+        names = args.scores.split(",") if args.scores else run.score_names
+        tables = {name: run.score(name) for name in names}
+        info = run.model
+        print(
+            f"{run.path}: {info.name} ({info.revision}), {run.n_prompts} prompts "
+            f"from {run.prompt_set['name']!r}, created {run.attrs['created']}"
+        )
+    print(ScanResult(info, tables).summary())
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:
@@ -89,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("show", _cmd_show, "print the score tables of a run file")
+    p.add_argument("run", help="run file (.h5) written by `workbench scan`")
+    p.add_argument("--scores", help="comma-separated score names (default: all)")
 
     p = command("cache", _cmd_cache, "write hook activations of a prompt set to an HDF5 cache")
     p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")

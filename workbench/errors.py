@@ -44,3 +44,10 @@ class RunMismatchError(RunFileError):
 
 class ShapeError(WorkbenchError, ValueError):
     """A tensor or array has the wrong shape; the message names the expected one."""
+
+
+class MissingEntryError(WorkbenchError, KeyError):
+    """A run or cache file holds no score, statistic, label or hook of the requested name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])

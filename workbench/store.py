@@ -33,6 +33,7 @@ import pandas as pd
 
 from workbench.errors import (
     ForeignFileError,
+    MissingEntryError,
     RunFileError,
     SchemaVersionError,
     ShapeError,
@@ -164,7 +165,7 @@ class Run:
         key = f"{group}/{name}"
         if key not in self._f:
             have = ", ".join(sorted(self._f[group].keys())) if group in self._f else "none"
-            raise KeyError(f"{self.path} has no {group[:-1]} {name!r} (has: {have})")
+            raise MissingEntryError(f"{self.path} has no {group[:-1]} {name!r} (has: {have})")
         return self._f[key]
 
     def __repr__(self) -> str:

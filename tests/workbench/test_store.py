@@ -1,0 +1,118 @@
+import h5py
+import numpy as np
+import pytest
+
+from workbench.errors import ForeignFileError, RunFileError, SchemaVersionError, ShapeError
+from workbench.scores import ScoreTable
+from workbench.store import RunWriter, open_run, partial_path
+from workbench.tasks import PromptSet
+
+PROMPTS = PromptSet("p", ("one", "two", "three"))
+STATS = {"first_token_mass": "def a", "entropy": "def b"}
+
+
+def _writer(path, info):
+    return RunWriter(
+        path, info, PROMPTS, [np.arange(3), np.arange(4), np.arange(2)], STATS, {"k": 1}
+    )
+
+
+def _stats(info, value):
+    shape = (info.n_layers, info.n_heads)
+    return {name: np.full(shape, value, np.float32) for name in STATS}
+
+
+def _complete_run(path, info):
+    w = _writer(path, info)
+    w.write_stats(0, [_stats(info, i) for i in range(3)])
+    table = ScoreTable(
+        "sink",
+        np.arange(info.n_layers * info.n_heads, dtype=np.float32).reshape(
+            info.n_layers, info.n_heads
+        ),
+        "a definition",
+        threshold=3.5,
+        label="sink",
+        parameters={"epsilon": 0.3},
+    )
+    w.write_score(table)
+    w.write_label("sink", table.selected, "sink > 3.5")
+    return w.finish()
+
+
+def test_roundtrip_is_lazy_and_complete(tmp_path, tiny_model):
+    info = tiny_model.info
+    path = _complete_run(tmp_path / "run.h5", info)
+    assert not partial_path(path).exists()
+    with open_run(path) as run:
+        assert run.model == info
+        assert run.n_prompts == 3 and run.prompt_text(1) == "two"
+        assert run.token_ids(1).tolist() == [0, 1, 2, 3]
+        assert run.prompt_set == {"name": "p", "hash": PROMPTS.hash}
+        assert run.stat("entropy").shape == (3, info.n_layers, info.n_heads)
+        assert run.stat("entropy")[2, 0, 0] == 2
+        table = run.score("sink")
+        assert table.threshold == 3.5 and table.parameters == {"epsilon": 0.3}
+        assert run.label("sink").sum() == info.n_layers * info.n_heads - 4
+        frame = run.scores_frame()
+        assert list(frame.columns) == ["layer", "head", "kv_head", "sink"]
+        assert run.attrs["schema_version"] == 1
+        with pytest.raises(KeyError, match="has no score 'nope'"):
+            run.score("nope")
+
+
+def test_score_shape_is_checked(tmp_path, tiny_model):
+    w = _writer(tmp_path / "r.h5", tiny_model.info)
+    with pytest.raises(ShapeError, match=r"must be \[n_layers, n_heads\] = \(2, 4\)"):
+        w.write_score(ScoreTable("x", np.zeros((3, 4)), "d"))
+    w.close()
+
+
+def test_resume_only_with_same_identity(tmp_path, tiny_model):
+    info = tiny_model.info
+    w = _writer(tmp_path / "r.h5", info)
+    w.write_stats(0, [_stats(info, 0)])
+    w.close()
+    w = _writer(tmp_path / "r.h5", info)
+    assert w.resumed_from == 1 and w.stats()["entropy"].shape[0] == 1
+    w.close()
+    other = RunWriter(tmp_path / "r.h5", info, PromptSet("p", ("x",)), [np.arange(2)], STATS, {})
+    assert other.resumed_from == 0
+    other.close()
+
+
+def test_unreadable_partial_is_started_again(tmp_path, tiny_model):
+    partial_path(tmp_path / "r.h5").write_bytes(b"\x89HDF\r\n\x1a\n garbage")
+    w = _writer(tmp_path / "r.h5", tiny_model.info)
+    assert w.resumed_from == 0
+    w.close()
+
+
+def test_bad_files(tmp_path, tiny_model):
+    with pytest.raises(RunFileError, match="no such file"):
+        open_run(tmp_path / "missing.h5")
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    with pytest.raises(ForeignFileError, match="not an HDF5 file"):
+        open_run(text)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = 1
+    with pytest.raises(ForeignFileError, match="not a workbench file"):
+        open_run(foreign)
+    good = _complete_run(tmp_path / "good.h5", tiny_model.info)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ForeignFileError, match="truncated or corrupt"):
+        open_run(truncated)
+    with h5py.File(good, "r+") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(SchemaVersionError, match="schema version 99"):
+        open_run(good)
+
+
+def test_unfinished_run_is_refused(tmp_path, tiny_model):
+    w = _writer(tmp_path / "r.h5", tiny_model.info)
+    w.close()
+    with pytest.raises(RunFileError, match="unfinished scan"):
+        open_run(partial_path(tmp_path / "r.h5"))
