@@ -1,12 +1,13 @@
-"""Probes: one module per head type. Captured statistics in, a score table [layer, head] out.
+"""Probes: one module per head type. Measured statistics in, score tables [layer, head] out.
 
-Each probe names the per-prompt statistics it needs (see :data:`workbench.capture.STATISTICS`),
-and turns them into a :class:`workbench.scores.ScoreTable` whose definition cites its source.
+Each probe declares the measurements it needs (:class:`probes.base.Measurement`) and turns their
+stored statistics into :class:`workbench.scores.ScoreTable` objects whose definitions cite their
+source.
 """
 
 from __future__ import annotations
 
-from probes.base import Probe
+from probes.base import Measurement, Probe, ScanContext
 from probes.entropy import EntropyProbe
 from probes.sinks import FirstTokenSinkProbe
 from workbench.errors import WorkbenchError
@@ -24,4 +25,4 @@ def get_probes(names: str | list[str]) -> list[Probe]:
     return [PROBES[n] for n in names]
 
 
-__all__ = ["PROBES", "Probe", "get_probes"]
+__all__ = ["PROBES", "Measurement", "Probe", "ScanContext", "get_probes"]

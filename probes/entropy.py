@@ -14,18 +14,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from probes.base import Measurement, ScanContext
+from probes.basic import BASIC, basic_measurement
 from workbench.scores import ScoreTable
 
 
 @dataclass(frozen=True)
 class EntropyProbe:
     name: str = "entropy"
-    statistics: tuple[str, ...] = ("normalized_entropy",)
 
-    def score(self, stats: dict[str, np.ndarray]) -> ScoreTable:
-        return ScoreTable(
+    def measurements(self, ctx: ScanContext) -> list[Measurement]:
+        return [basic_measurement(ctx)]
+
+    def score(self, stats: dict[str, dict[str, np.ndarray]]) -> list[ScoreTable]:
+        table = ScoreTable(
             name=self.name,
-            values=stats["normalized_entropy"].mean(axis=0),
+            values=stats[BASIC]["normalized_entropy"].mean(axis=0),
             definition="mean row-normalised attention entropy H_i / log(visible keys) over "
             "queries and prompts (Guo et al. 2024); 1 = uniform, 0 = a single key",
         )
+        return [table]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from probes.base import Measurement, ScanContext
+from probes.basic import BASIC, basic_measurement
 from workbench.scores import ScoreTable
 
 
@@ -21,11 +23,13 @@ from workbench.scores import ScoreTable
 class FirstTokenSinkProbe:
     epsilon: float = 0.3
     name: str = "sink"
-    statistics: tuple[str, ...] = ("first_token_mass",)
 
-    def score(self, stats: dict[str, np.ndarray]) -> ScoreTable:
-        alpha = stats["first_token_mass"]  # [n_prompts, n_layers, n_heads]
-        return ScoreTable(
+    def measurements(self, ctx: ScanContext) -> list[Measurement]:
+        return [basic_measurement(ctx)]
+
+    def score(self, stats: dict[str, dict[str, np.ndarray]]) -> list[ScoreTable]:
+        alpha = stats[BASIC]["first_token_mass"]  # [n_prompts, n_layers, n_heads]
+        table = ScoreTable(
             name=self.name,
             values=alpha.mean(axis=0),
             definition="first-token sink: alpha_1 = mean over queries of the attention on the "
@@ -38,3 +42,4 @@ class FirstTokenSinkProbe:
                 "sink_rate_per_prompt": float((alpha > self.epsilon).mean()),
             },
         )
+        return [table]

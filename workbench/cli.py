@@ -55,9 +55,10 @@ def _cmd_show(args: argparse.Namespace) -> None:
         names = args.scores.split(",") if args.scores else run.score_names
         tables = {name: run.score(name) for name in names}
         info = run.model
+        inputs = ", ".join(f"{m} ({run.n_items(m)} items)" for m in run.measurement_names)
         print(
-            f"{run.path}: {info.name} ({info.revision}), {run.n_prompts} prompts "
-            f"from {run.prompt_set['name']!r}, created {run.attrs['created']}"
+            f"{run.path}: {info.name} ({info.revision}), created {run.attrs['created']}; "
+            f"measurements: {inputs}"
         )
     print(ScanResult(info, tables).summary())
 

@@ -1,29 +1,32 @@
 """Scan: run probes over a prompt set and collect their score tables (the façade of the spine).
 
-``scan(model, prompts, probes=..., out="runs/x.h5")`` captures per-prompt statistics batch by
-batch, stores them in the run file's partial copy, and at the end turns them into score tables and
-labels and publishes the run atomically. Rerunning an interrupted scan with the same model,
-prompts and parameters resumes after the last completed batch.
+``scan(model, prompts, probes=..., out="runs/x.h5")`` runs every measurement the chosen probes
+declare, batch by batch, stores the per-item statistics in the run file's partial copy, and at the
+end turns them into score tables and labels and publishes the run atomically. Rerunning an
+interrupted scan with the same model, prompts and parameters resumes after the last completed
+batch of each measurement.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
-from probes import Probe, get_probes
-from workbench.capture import STATISTICS, head_statistics
 from workbench.models import Model, ModelInfo, load
 from workbench.scores import ScoreTable
 from workbench.store import RunWriter
 from workbench.tasks import PromptSet, load_prompts
+
+if TYPE_CHECKING:
+    from probes import Measurement, Probe
 
 
 @dataclass
@@ -109,6 +112,7 @@ def scan(
     max_tokens: int | None = None,
     batch_size: int = 4,
     path: str = "auto",
+    options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ScanResult:
     """Run probes on a model over a prompt set.
@@ -119,33 +123,52 @@ def scan(
         probes: ``"all"``, comma-separated names, or a list (see :data:`probes.PROBES`).
         out: run file to write (atomic; resumable). ``None`` keeps everything in memory.
         max_tokens: truncate prompts to this many tokens.
-        batch_size: prompts per checkpoint of the run file.
+        batch_size: items per checkpoint of the run file.
         path: capture path, ``"auto"``, ``"pattern"`` or ``"streamed"``.
+        options: probe-specific options (each probe documents its own).
 
     Example:
         >>> import workbench as wb
         >>> result = wb.scan("smollm2-135m", "demo", out="runs/demo.h5")  # doctest: +SKIP
         >>> result.scores.sort_values("sink", ascending=False).head()  # doctest: +SKIP
     """
+    # probes build on the spine, so the façade imports them only when a scan runs
+    from probes import ScanContext, get_probes
+
     model = load(model) if isinstance(model, str) else model
     prompts = load_prompts(prompts) if isinstance(prompts, str | Path) else prompts
     chosen = get_probes(probes)
-    token_ids = [model.tokenize(text, max_tokens).numpy() for text in prompts.texts]
-    parameters = {"max_tokens": max_tokens, "path": path}
+    ctx = ScanContext(model, prompts, max_tokens, path, dict(options or {}))
+    measurements: dict[str, Measurement] = {}
+    for probe in chosen:
+        for m in probe.measurements(ctx):
+            measurements.setdefault(m.key, m)
+    parameters = {
+        "max_tokens": max_tokens,
+        "path": path,
+        "prompts": prompts.hash,
+        "options": ctx.options,
+    }
     if out is None:
-        stats = _capture(model, token_ids, 0, batch_size, path, progress, on_batch=None)
+        stats = {
+            key: _run_measurement(m, 0, batch_size, progress, None)
+            for key, m in measurements.items()
+        }
         return ScanResult(model.info, _score(chosen, stats))
 
-    writer = RunWriter(out, model.info, prompts, token_ids, STATISTICS, parameters)
+    writer = RunWriter(out, model.info, parameters)
     try:
-        if writer.resumed_from:
-            print(
-                f"resuming {out} after prompt {writer.resumed_from}/{len(prompts)}", file=sys.stderr
-            )
-        _capture(
-            model, token_ids, writer.n_done, batch_size, path, progress, on_batch=writer.write_stats
-        )
-        tables = _score(chosen, writer.stats())
+        stats = {}
+        for key, m in measurements.items():
+            group = writer.measurement(key, m.texts, m.token_ids, m.definitions)
+            if 0 < group.n_done < group.n_items:
+                print(
+                    f"resuming {out} ({key}) after item {group.n_done}/{group.n_items}",
+                    file=sys.stderr,
+                )
+            _run_measurement(m, group.n_done, batch_size, progress, group.write)
+            stats[key] = group.stats()
+        tables = _score(chosen, stats)
         for table in tables.values():
             writer.write_score(table)
             if table.label:
@@ -156,40 +179,32 @@ def scan(
     return ScanResult(model.info, tables, written)
 
 
-def _capture(
-    model: Model,
-    token_ids: list[np.ndarray],
+def _run_measurement(
+    m: Measurement,
     start: int,
     batch_size: int,
-    path: str,
     progress: bool,
-    on_batch: Any,
+    on_batch: Callable[[int, list[dict[str, np.ndarray]]], None] | None,
 ) -> dict[str, np.ndarray]:
-    import torch
-
+    """Measure items ``start..`` in batches; returns the items measured here, stacked."""
     collected: list[dict[str, np.ndarray]] = []
     batch: list[dict[str, np.ndarray]] = []
-    bar = tqdm(
-        total=len(token_ids),
-        initial=start,
-        desc="scan",
-        unit="prompt",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    with bar:
-        for index in range(start, len(token_ids)):
-            batch.append(head_statistics(model, torch.as_tensor(token_ids[index]), path=path))
+    n = len(m.texts)
+    with tqdm(
+        total=n, initial=start, desc=m.key, unit="item", disable=not progress, file=sys.stderr
+    ) as bar:
+        for index in range(start, n):
+            batch.append(m.measure(index))
             bar.update(1)
-            if len(batch) == batch_size or index == len(token_ids) - 1:
+            if len(batch) == batch_size or index == n - 1:
                 if on_batch is not None:
                     on_batch(index + 1 - len(batch), batch)
                 collected.extend(batch)
                 batch = []
-    return (
-        {name: np.stack([s[name] for s in collected]) for name in STATISTICS} if collected else {}
-    )
+    if not collected:
+        return {}
+    return {name: np.stack([item[name] for item in collected]) for name in collected[0]}
 
 
-def _score(chosen: list[Probe], stats: dict[str, np.ndarray]) -> dict[str, ScoreTable]:
-    return {probe.name: probe.score(stats) for probe in chosen}
+def _score(chosen: list[Probe], stats: dict[str, dict[str, np.ndarray]]) -> dict[str, ScoreTable]:
+    return {table.name: table for probe in chosen for table in probe.score(stats)}

@@ -2,25 +2,27 @@
 
 ::
 
-    /                     attrs: schema, schema_version, workbench_version, created,
-                                 model_* (ModelInfo fields), complete
-    /prompts/token_ids    [n_prompts] variable-length int32
-    /prompts/texts        [n_prompts] variable-length UTF-8
-                          attrs: name, hash
-    /stats/<name>         [n_prompts, n_layers, n_heads] float32, attrs: definition
-    /scores/<probe>       [n_layers, n_heads] float32,
-                          attrs: definition, threshold, label, parameters (JSON)
-    /labels/<label>       [n_layers, n_heads] bool, attrs: rule
+    /                               attrs: schema, schema_version, workbench_version, created,
+                                           model_* (ModelInfo fields), parameters, complete
+    /measurements/<key>/            attrs: inputs_hash, n_items, n_done
+    /measurements/<key>/texts       [n_items] UTF-8 (the prompt of each item)
+    /measurements/<key>/token_ids   [n_items] variable-length int32
+    /measurements/<key>/stats/<s>   [n_items, ...] float32, attrs: definition
+    /scores/<name>                  [n_layers, n_heads] float32,
+                                    attrs: definition, threshold, label, parameters (JSON)
+    /labels/<label>                 [n_layers, n_heads] bool, attrs: rule
 
-Writes are atomic: :class:`RunWriter` writes ``.<name>.partial`` beside the target and renames it
-over the target only when the scan is complete, so a stopped scan never damages the previous
-file. The partial file records how many prompts are done (``n_done``), which is what a rerun
-resumes from. :func:`open_run` reads lazily: opening a run reads attributes only; each table is
-read when asked for.
+A *measurement* is one set of inputs (the scan's prompts, needle trials, a text domain...) and
+the per-item statistics a probe computed on them. Writes are atomic: :class:`RunWriter` writes
+``.<name>.partial`` beside the target and renames it over the target only when the scan is
+complete, so a stopped scan never damages the previous file. Each measurement records how many
+items are done (``n_done``), which is what a rerun resumes from. :func:`open_run` reads lazily:
+opening a run reads attributes only; each table is read when asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -40,7 +42,6 @@ from workbench.errors import (
 )
 from workbench.models import ModelInfo
 from workbench.scores import ScoreTable
-from workbench.tasks import PromptSet
 
 RUN_SCHEMA = "attention-head-workbench/run"
 RUN_SCHEMA_VERSION = 1
@@ -114,27 +115,25 @@ class Run:
         return {k: _plain(v) for k, v in self._f.attrs.items()}
 
     @property
-    def n_prompts(self) -> int:
-        return int(self._f["prompts/texts"].shape[0])
+    def measurement_names(self) -> list[str]:
+        return sorted(self._f["measurements"].keys()) if "measurements" in self._f else []
 
-    @property
-    def prompt_set(self) -> dict[str, str]:
-        a = self._f["prompts"].attrs
-        return {"name": str(a["name"]), "hash": str(a["hash"])}
+    def n_items(self, measurement: str) -> int:
+        return int(self._get("measurements", measurement).attrs["n_items"])
 
-    def prompt_text(self, index: int) -> str:
-        return self._f["prompts/texts"][index].decode()
+    def prompt_text(self, measurement: str, index: int) -> str:
+        return self._get("measurements", measurement)["texts"][index].decode()
 
-    def token_ids(self, index: int) -> np.ndarray:
-        return np.asarray(self._f["prompts/token_ids"][index])
+    def token_ids(self, measurement: str, index: int) -> np.ndarray:
+        return np.asarray(self._get("measurements", measurement)["token_ids"][index])
 
-    @property
-    def stat_names(self) -> list[str]:
-        return sorted(self._f["stats"].keys()) if "stats" in self._f else []
+    def stat_names(self, measurement: str) -> list[str]:
+        group = self._get("measurements", measurement)
+        return sorted(group["stats"].keys()) if "stats" in group else []
 
-    def stat(self, name: str) -> np.ndarray:
-        """``[n_prompts, n_layers, n_heads]`` float32 per-prompt statistic."""
-        return self._get("stats", name)[()]
+    def stat(self, measurement: str, name: str) -> np.ndarray:
+        """``[n_items, ...]`` float32 per-item statistic of a measurement."""
+        return self._get(f"measurements/{measurement}/stats", name)[()]
 
     @property
     def score_names(self) -> list[str]:
@@ -161,17 +160,18 @@ class Run:
             frame[name] = self._get("scores", name)[()].ravel()
         return frame
 
-    def _get(self, group: str, name: str) -> h5py.Dataset:
+    def _get(self, group: str, name: str) -> Any:
         key = f"{group}/{name}"
         if key not in self._f:
             have = ", ".join(sorted(self._f[group].keys())) if group in self._f else "none"
-            raise MissingEntryError(f"{self.path} has no {group[:-1]} {name!r} (has: {have})")
+            kind = group.rsplit("/", 1)[-1].removesuffix("s")
+            raise MissingEntryError(f"{self.path} has no {kind} {name!r} (has: {have})")
         return self._f[key]
 
     def __repr__(self) -> str:
         return (
-            f"Run({str(self.path)!r}: {self.model.name}, {self.n_prompts} prompts, "
-            f"scores {self.score_names})"
+            f"Run({str(self.path)!r}: {self.model.name}, measurements "
+            f"{self.measurement_names}, scores {self.score_names})"
         )
 
 
@@ -183,38 +183,22 @@ def open_run(path: str | Path) -> Run:
 class RunWriter:
     """Writes a run into its partial file and publishes it atomically with :meth:`finish`.
 
-    Opening a writer on a target whose partial file belongs to the same model, prompts and
-    parameters resumes it: :attr:`n_done` says how many prompts are already stored.
+    Opening a writer on a target whose partial file belongs to the same model and parameters
+    resumes it; each :meth:`measurement` then says how many of its items are already done.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        info: ModelInfo,
-        prompts: PromptSet,
-        token_ids: list[np.ndarray],
-        stat_definitions: dict[str, str],
-        parameters: dict[str, Any],
-    ) -> None:
+    def __init__(self, path: str | Path, info: ModelInfo, parameters: dict[str, Any]) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.info = info
-        self.resumed_from = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         identity = {
             "model_config_hash": info.config_hash,
-            "prompts_hash": prompts.hash,
             "parameters": json.dumps(parameters, sort_keys=True),
         }
         self._f = self._reopen(identity) if self.partial.exists() else None
         if self._f is None:
-            self._f = self._create(identity, prompts, token_ids, stat_definitions)
-        else:
-            self.resumed_from = int(self._f.attrs["n_done"])
-
-    @property
-    def n_done(self) -> int:
-        return int(self._f.attrs["n_done"])
+            self._f = self._create(identity)
 
     def _reopen(self, identity: dict[str, str]) -> h5py.File | None:
         try:
@@ -226,13 +210,7 @@ class RunWriter:
             return None
         return f
 
-    def _create(
-        self,
-        identity: dict[str, str],
-        prompts: PromptSet,
-        token_ids: list[np.ndarray],
-        stat_definitions: dict[str, str],
-    ) -> h5py.File:
+    def _create(self, identity: dict[str, str]) -> h5py.File:
         f = h5py.File(self.partial, "w")
         f.attrs.update(
             {
@@ -241,45 +219,31 @@ class RunWriter:
                 "workbench_version": workbench_version(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "complete": False,
-                "n_done": 0,
                 **identity,
                 **{f"model_{k}": v for k, v in self.info.to_dict().items()},
             }
         )
-        group = f.create_group("prompts")
-        group.attrs.update({"name": prompts.name, "hash": prompts.hash})
-        group.create_dataset("texts", data=list(prompts.texts), dtype=UTF8)
-        ids = group.create_dataset("token_ids", (len(token_ids),), dtype=_IDS)
-        for i, t in enumerate(token_ids):
-            ids[i] = np.asarray(t, dtype=np.int32)
-        shape = (len(prompts), self.info.n_layers, self.info.n_heads)
-        for name, definition in stat_definitions.items():
-            d = f.create_dataset(f"stats/{name}", shape, dtype=np.float32, fillvalue=np.nan)
-            d.attrs["definition"] = definition
+        f.create_group("measurements")
         f.flush()
         return f
 
-    def write_stats(self, start: int, stats: list[dict[str, np.ndarray]]) -> None:
-        """Store per-prompt statistics for prompts ``start .. start+len(stats)`` and mark them done.
-
-        ``stats[i][name]`` is ``[n_layers, n_heads]``.
-        """
-        if start != self.n_done:
-            raise ValueError(
-                f"prompts must be written in order: next is {self.n_done}, got {start}"
-            )
-        for name in self._f["stats"]:
-            block = np.stack([s[name] for s in stats])  # [batch, n_layers, n_heads]
-            self._f[f"stats/{name}"][start : start + len(stats)] = block
-        # n_done moves only after the data is flushed: a kill in between costs one batch, never
-        # a half-written one counted as done.
-        self._f.flush()
-        self._f.attrs["n_done"] = start + len(stats)
-        self._f.flush()
-
-    def stats(self) -> dict[str, np.ndarray]:
-        """All stored statistics ``{name: [n_done, n_layers, n_heads]}``."""
-        return {name: d[: self.n_done] for name, d in self._f["stats"].items()}
+    def measurement(
+        self, key: str, texts: list[str], token_ids: list[np.ndarray], definitions: dict[str, str]
+    ) -> MeasurementWriter:
+        """The group of one measurement; reopened (resumable) when its inputs are unchanged."""
+        inputs_hash = _inputs_hash(texts, token_ids)
+        name = f"measurements/{key}"
+        if name in self._f and self._f[name].attrs.get("inputs_hash") != inputs_hash:
+            del self._f[name]
+        if name not in self._f:
+            group = self._f.create_group(name)
+            group.attrs.update({"inputs_hash": inputs_hash, "n_items": len(texts), "n_done": 0})
+            group.create_dataset("texts", data=list(texts), dtype=UTF8)
+            ids = group.create_dataset("token_ids", (len(token_ids),), dtype=_IDS)
+            for i, t in enumerate(token_ids):
+                ids[i] = np.asarray(t, dtype=np.int32)
+            self._f.flush()
+        return MeasurementWriter(self._f, self._f[name], definitions)
 
     def write_score(self, table: ScoreTable) -> None:
         expected = (self.info.n_layers, self.info.n_heads)
@@ -328,3 +292,54 @@ def model_info_from_attrs(attrs: Any) -> ModelInfo:
         return ModelInfo(**{k: _plain(attrs[f"model_{k}"]) for k in fields})
     except KeyError as e:
         raise RunFileError(f"run file lacks model identity attribute {e}") from e
+
+
+class MeasurementWriter:
+    """Per-item statistics of one measurement, written in order and checkpointed per batch."""
+
+    def __init__(self, f: h5py.File, group: h5py.Group, definitions: dict[str, str]) -> None:
+        self._f = f
+        self._group = group
+        self.definitions = definitions
+        self.n_items = int(group.attrs["n_items"])
+
+    @property
+    def n_done(self) -> int:
+        return int(self._group.attrs["n_done"])
+
+    def write(self, start: int, items: list[dict[str, np.ndarray]]) -> None:
+        """Store statistics of items ``start .. start+len(items)`` and mark them done.
+
+        ``items[i][name]`` has the same shape for every item (e.g. ``[n_layers, n_heads]``).
+        """
+        if start != self.n_done:
+            raise ValueError(f"items are written in order: next is {self.n_done}, not {start}")
+        for name, definition in self.definitions.items():
+            block = np.stack([item[name] for item in items]).astype(np.float32)  # [batch, ...]
+            key = f"stats/{name}"
+            if key not in self._group:
+                d = self._group.create_dataset(
+                    key, (self.n_items, *block.shape[1:]), dtype=np.float32, fillvalue=np.nan
+                )
+                d.attrs["definition"] = definition
+            self._group[key][start : start + len(items)] = block
+        # n_done moves only after the data is flushed: a kill in between costs one batch, never
+        # a half-written one counted as done.
+        self._f.flush()
+        self._group.attrs["n_done"] = start + len(items)
+        self._f.flush()
+
+    def stats(self) -> dict[str, np.ndarray]:
+        """All stored statistics ``{name: [n_done, ...]}``."""
+        if "stats" not in self._group:
+            return {}
+        return {name: d[: self.n_done] for name, d in self._group["stats"].items()}
+
+
+def _inputs_hash(texts: list[str], token_ids: list[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for text, ids in zip(texts, token_ids, strict=True):
+        digest.update(text.encode())
+        digest.update(np.asarray(ids, dtype=np.int32).tobytes())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]

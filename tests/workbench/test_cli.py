@@ -38,7 +38,7 @@ def test_scan_then_show(tiny_llama_dir, prompt_file, tmp_path, capsys):
     assert f"run file: {out}" in printed and "heads labelled 'sink'" in printed
     assert main(["show", str(out), "--scores", "sink"]) == 0
     shown = capsys.readouterr().out
-    assert "tiny-llama" in shown and "5 prompts" in shown and "entropy" not in shown
+    assert "tiny-llama" in shown and "basic (5 items)" in shown and "entropy" not in shown
 
 
 @pytest.mark.parametrize(

@@ -64,11 +64,11 @@ def test_interrupted_scan_keeps_old_file_and_resumes(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("workbench.scanner.head_statistics", stop_at_fourth)
+    monkeypatch.setattr("probes.basic.head_statistics", stop_at_fourth)
     with pytest.raises(KeyboardInterrupt):
         scan(tiny_model, str(prompt_file), out=out, batch_size=2, probes="sink", progress=False)
     assert out.read_bytes() == before and partial_path(out).exists()
-    monkeypatch.setattr("workbench.scanner.head_statistics", real)
+    monkeypatch.setattr("probes.basic.head_statistics", real)
     resumed = scan(
         tiny_model, str(prompt_file), out=out, batch_size=2, probes="sink", progress=False
     )
@@ -79,7 +79,7 @@ def test_interrupted_scan_keeps_old_file_and_resumes(
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    import workbench.scanner as s
+    import probes.basic as s
     real, calls = s.head_statistics, []
     def die_at_fourth(*args, **kwargs):
         calls.append(1)
@@ -114,7 +114,7 @@ def test_killed_cli_scan_resumes(tiny_llama_dir, prompt_file, tmp_path):
         [sys.executable, "-m", "workbench", *args], env=env, capture_output=True, text=True
     )
     assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming {out} after prompt 3/5" in rerun.stderr
+    assert f"resuming {out} (basic) after item 3/5" in rerun.stderr
     assert f"run file: {out}" in rerun.stdout
     fresh = tmp_path / "fresh.h5"
     args[args.index(str(out))] = str(fresh)
@@ -122,5 +122,7 @@ def test_killed_cli_scan_resumes(tiny_llama_dir, prompt_file, tmp_path):
         [sys.executable, "-m", "workbench", *args], env=env, check=True, capture_output=True
     )
     with open_run(out) as a, open_run(fresh) as b:
-        np.testing.assert_allclose(a.stat("entropy"), b.stat("entropy"), atol=1e-6)
+        np.testing.assert_allclose(
+            a.stat("basic", "entropy"), b.stat("basic", "entropy"), atol=1e-6
+        )
         np.testing.assert_allclose(a.score("sink").values, b.score("sink").values, atol=1e-6)

@@ -2,34 +2,33 @@ import h5py
 import numpy as np
 import pytest
 
-from workbench.errors import ForeignFileError, RunFileError, SchemaVersionError, ShapeError
+from workbench.errors import (
+    ForeignFileError,
+    MissingEntryError,
+    RunFileError,
+    SchemaVersionError,
+    ShapeError,
+)
 from workbench.scores import ScoreTable
 from workbench.store import RunWriter, open_run, partial_path
-from workbench.tasks import PromptSet
 
-PROMPTS = PromptSet("p", ("one", "two", "three"))
-STATS = {"first_token_mass": "def a", "entropy": "def b"}
-
-
-def _writer(path, info):
-    return RunWriter(
-        path, info, PROMPTS, [np.arange(3), np.arange(4), np.arange(2)], STATS, {"k": 1}
-    )
+TEXTS = ["one", "two", "three"]
+IDS = [np.arange(3), np.arange(4), np.arange(2)]
+DEFS = {"first_token_mass": "def a", "entropy": "def b"}
 
 
-def _stats(info, value):
+def _items(info, values):
     shape = (info.n_layers, info.n_heads)
-    return {name: np.full(shape, value, np.float32) for name in STATS}
+    return [{name: np.full(shape, v, np.float32) for name in DEFS} for v in values]
 
 
 def _complete_run(path, info):
-    w = _writer(path, info)
-    w.write_stats(0, [_stats(info, i) for i in range(3)])
+    w = RunWriter(path, info, {"k": 1})
+    w.measurement("basic", TEXTS, IDS, DEFS).write(0, _items(info, range(3)))
+    values = np.arange(info.n_layers * info.n_heads, dtype=np.float32)
     table = ScoreTable(
         "sink",
-        np.arange(info.n_layers * info.n_heads, dtype=np.float32).reshape(
-            info.n_layers, info.n_heads
-        ),
+        values.reshape(info.n_layers, info.n_heads),
         "a definition",
         threshold=3.5,
         label="sink",
@@ -40,29 +39,31 @@ def _complete_run(path, info):
     return w.finish()
 
 
-def test_roundtrip_is_lazy_and_complete(tmp_path, tiny_model):
+def test_roundtrip(tmp_path, tiny_model):
     info = tiny_model.info
     path = _complete_run(tmp_path / "run.h5", info)
     assert not partial_path(path).exists()
     with open_run(path) as run:
         assert run.model == info
-        assert run.n_prompts == 3 and run.prompt_text(1) == "two"
-        assert run.token_ids(1).tolist() == [0, 1, 2, 3]
-        assert run.prompt_set == {"name": "p", "hash": PROMPTS.hash}
-        assert run.stat("entropy").shape == (3, info.n_layers, info.n_heads)
-        assert run.stat("entropy")[2, 0, 0] == 2
+        assert run.measurement_names == ["basic"] and run.n_items("basic") == 3
+        assert run.prompt_text("basic", 1) == "two"
+        assert run.token_ids("basic", 1).tolist() == [0, 1, 2, 3]
+        assert run.stat_names("basic") == ["entropy", "first_token_mass"]
+        assert run.stat("basic", "entropy").shape == (3, info.n_layers, info.n_heads)
+        assert run.stat("basic", "entropy")[2, 0, 0] == 2
         table = run.score("sink")
         assert table.threshold == 3.5 and table.parameters == {"epsilon": 0.3}
         assert run.label("sink").sum() == info.n_layers * info.n_heads - 4
-        frame = run.scores_frame()
-        assert list(frame.columns) == ["layer", "head", "kv_head", "sink"]
+        assert list(run.scores_frame().columns) == ["layer", "head", "kv_head", "sink"]
         assert run.attrs["schema_version"] == 1
-        with pytest.raises(KeyError, match="has no score 'nope'"):
+        with pytest.raises(MissingEntryError, match="has no score 'nope'"):
             run.score("nope")
+        with pytest.raises(MissingEntryError, match="has no stat 'nope'"):
+            run.stat("basic", "nope")
 
 
 def test_score_shape_is_checked(tmp_path, tiny_model):
-    w = _writer(tmp_path / "r.h5", tiny_model.info)
+    w = RunWriter(tmp_path / "r.h5", tiny_model.info, {})
     with pytest.raises(ShapeError, match=r"must be \[n_layers, n_heads\] = \(2, 4\)"):
         w.write_score(ScoreTable("x", np.zeros((3, 4)), "d"))
     w.close()
@@ -70,21 +71,25 @@ def test_score_shape_is_checked(tmp_path, tiny_model):
 
 def test_resume_only_with_same_identity(tmp_path, tiny_model):
     info = tiny_model.info
-    w = _writer(tmp_path / "r.h5", info)
-    w.write_stats(0, [_stats(info, 0)])
+    w = RunWriter(tmp_path / "r.h5", info, {"k": 1})
+    w.measurement("basic", TEXTS, IDS, DEFS).write(0, _items(info, [0]))
     w.close()
-    w = _writer(tmp_path / "r.h5", info)
-    assert w.resumed_from == 1 and w.stats()["entropy"].shape[0] == 1
+    w = RunWriter(tmp_path / "r.h5", info, {"k": 1})
+    group = w.measurement("basic", TEXTS, IDS, DEFS)
+    assert group.n_done == 1 and group.stats()["entropy"].shape == (1, 2, 4)
+    with pytest.raises(ValueError, match="next is 1, not 0"):
+        group.write(0, _items(info, [0]))
+    assert w.measurement("basic", ["other", "inputs", "now"], IDS, DEFS).n_done == 0
     w.close()
-    other = RunWriter(tmp_path / "r.h5", info, PromptSet("p", ("x",)), [np.arange(2)], STATS, {})
-    assert other.resumed_from == 0
-    other.close()
+    w = RunWriter(tmp_path / "r.h5", info, {"k": 2})  # other parameters: start again
+    assert "basic" not in w._f["measurements"]
+    w.close()
 
 
 def test_unreadable_partial_is_started_again(tmp_path, tiny_model):
     partial_path(tmp_path / "r.h5").write_bytes(b"\x89HDF\r\n\x1a\n garbage")
-    w = _writer(tmp_path / "r.h5", tiny_model.info)
-    assert w.resumed_from == 0
+    w = RunWriter(tmp_path / "r.h5", tiny_model.info, {})
+    assert w.measurement("basic", TEXTS, IDS, DEFS).n_done == 0
     w.close()
 
 
@@ -112,7 +117,6 @@ def test_bad_files(tmp_path, tiny_model):
 
 
 def test_unfinished_run_is_refused(tmp_path, tiny_model):
-    w = _writer(tmp_path / "r.h5", tiny_model.info)
-    w.close()
+    RunWriter(tmp_path / "r.h5", tiny_model.info, {}).close()
     with pytest.raises(RunFileError, match="unfinished scan"):
         open_run(partial_path(tmp_path / "r.h5"))
