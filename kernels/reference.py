@@ -67,14 +67,15 @@ SpansLike = Tensor | Sequence[Sequence[int]]
 class AttentionStats:
     """Per-(batch, head, query) attention statistics; definitions in `kernels.reference`.
 
-    All tensors are fp32 and shaped ``[batch, n_heads, q_len]`` unless said otherwise.
-    ``lse`` and ``output`` are None when computed from a materialised pattern.
+    All tensors are fp32 (fp64 from the reference on fp64 inputs) and shaped
+    ``[batch, n_heads, q_len]`` unless said otherwise. ``lse`` and ``output`` are None when
+    computed from a materialised pattern; ``argmax`` is None after a reduction over queries.
     """
 
     lse: Tensor | None  # [batch, n_heads, q_len]
     entropy: Tensor  # [batch, n_heads, q_len]
     max_prob: Tensor  # [batch, n_heads, q_len]
-    argmax: Tensor  # [batch, n_heads, q_len] int64, -1 for fully masked rows
+    argmax: Tensor | None  # [batch, n_heads, q_len] int64, -1 for fully masked rows
     sink_mass: Tensor  # [batch, n_heads, q_len]
     span_mass: Tensor | None = None  # [batch, n_heads, q_len, n_spans]
     outside_mass: Tensor | None = None  # [batch, n_heads, q_len]

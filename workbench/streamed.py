@@ -110,10 +110,11 @@ class StreamedRecorder:
         self.reduce = reduce
         self.device = torch.device(device)
         self.backend = backend
-        self._runs: list[_Forward] = []
+        self._runs: list[_Forward] = []  # forwards that completed
+        self._pending: _Forward | None = None  # the forward in progress
         self._saved: list[tuple[Any, Any]] = []
         self._token = None
-        self._hook = None
+        self._hooks: list[Any] = []
 
     # -- context -----------------------------------------------------------------------------
 
@@ -121,20 +122,40 @@ class StreamedRecorder:
         register()
         self._saved = [(c, c._attn_implementation_internal) for c in _configs(self.model)]
         self.model.set_attn_implementation(ATTENTION_NAME)
-        self._hook = self.model.register_forward_pre_hook(lambda *_: self._runs.append(_Forward()))
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._begin),
+            self.model.register_forward_hook(self._end),
+        ]
         self._token = _ACTIVE.set(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         _ACTIVE.reset(self._token)
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         for config, implementation in self._saved:
             config._attn_implementation_internal = implementation
+
+    def _begin(self, *_: object) -> None:
+        self._pending = _Forward()
+
+    def _end(self, *_: object) -> None:
+        if self._pending is not None:  # a forward that raised is never committed
+            self._runs.append(self._pending)
+            self._pending = None
 
     # -- results -----------------------------------------------------------------------------
 
     @property
     def forwards(self) -> list[list[AttentionStats]]:
+        for run in self._runs:
+            if not run.calls:
+                raise RuntimeError(
+                    f"a forward pass of {type(self.model).__name__} did not call the streamed "
+                    "attention function: its attention modules do not dispatch through "
+                    "transformers' AttentionInterface (a TransformerBridge replaces them in "
+                    "place; give the bridge its own copy of the model)"
+                )
         return [[run.stats[i] for i in sorted(run.stats)] for run in self._runs]
 
     @property
@@ -167,9 +188,10 @@ class StreamedRecorder:
         need_output: bool,
     ) -> Tensor | None:
         """Record one layer's statistics; returns the attention output if ``need_output``."""
-        if not self._runs:  # the attention module was called outside the model's forward
-            self._runs.append(_Forward())
-        run = self._runs[-1]
+        if self._pending is None:  # an attention module called outside the model's forward
+            self._pending = _Forward()
+            self._runs.append(self._pending)
+        run = self._pending
         layer = getattr(module, "layer_idx", None)
         layer = run.calls if layer is None else int(layer)
         run.calls += 1

@@ -1,0 +1,205 @@
+"""The streamed capture path against materialised patterns (TransformerLens and HF eager)."""
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from kernels import stats_from_pattern
+from workbench.streamed import ATTENTION_NAME, StreamedRecorder
+
+ATOL = 1e-4
+KW = dict(sink_size=2, recent_window=3, spans=[[2, 5], [7, 12]])
+FIELDS = ("entropy", "max_prob", "sink_mass", "span_mass", "outside_mass")
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, **{f"w{i}": i + 2 for i in range(62)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, name_or_path="tiny-llama", add_bos_token=True, unk_token="<unk>",
+        bos_token="<s>", pad_token="<unk>",
+    )  # fmt: skip
+
+
+def _llama(cls_name="LlamaForCausalLM", **extra):
+    import transformers
+
+    config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    config = config_cls(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama()
+
+
+def assert_agree(streamed, pattern_stats, pattern):
+    """Every statistic within ATOL; argmax identical except between tied probabilities."""
+    for name in FIELDS:
+        got, want = getattr(streamed, name), getattr(pattern_stats, name)
+        torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=0, msg=name)
+    differ = streamed.argmax != pattern_stats.argmax
+    if differ.any():
+        at = pattern.gather(-1, streamed.argmax.clamp(min=0)[..., None])[..., 0][differ]
+        best = pattern.gather(-1, pattern_stats.argmax.clamp(min=0)[..., None])[..., 0][differ]
+        torch.testing.assert_close(at, best, atol=1e-6, rtol=0)
+
+
+def test_agrees_with_transformer_lens_hook_pattern(llama):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # The bridge replaces the HF attention modules in place with its own eager reimplementation,
+    # so it gets its own copy of the model.
+    twin = copy.deepcopy(llama)
+    bridge = TransformerBridge.boot_transformers(
+        "tiny-llama", hf_model=twin, tokenizer=_tokenizer()
+    )
+    ids = torch.randint(2, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with StreamedRecorder(llama, received=True, **KW) as rec:
+            logits = llama(ids).logits
+        assert llama.config._attn_implementation == "eager"  # restored
+        tl_logits, cache = bridge.run_with_cache(ids)
+    torch.testing.assert_close(logits, tl_logits, atol=ATOL, rtol=0)
+    assert len(rec.stats) == 2
+    for layer, streamed in enumerate(rec.stats):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # [batch, head, q_pos, k_pos]
+        assert pattern.shape == (2, 4, 24, 24)
+        assert streamed.lse.device.type == "cpu" and streamed.entropy.shape == (2, 4, 24)
+        assert_agree(streamed, stats_from_pattern(pattern, **KW), pattern)
+        torch.testing.assert_close(rec.received[layer], pattern.sum(2), atol=ATOL, rtol=0)
+
+
+def _eager_patterns(model, ids, mask):
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_attentions=True)
+    return out.logits, out.attentions
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padding_agrees_with_eager(llama, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from kernels.attention_stats import interpreting
+
+        if not interpreting():
+            pytest.skip("needs TRITON_INTERPRET=1 before triton is imported")
+    ids = torch.randint(2, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, 13:] = 0  # right padding
+    want_logits, patterns = _eager_patterns(llama, ids, mask)
+    with torch.no_grad(), StreamedRecorder(llama, backend=backend, **KW) as rec:
+        logits = llama(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], want_logits[real], atol=ATOL, rtol=0)
+    for streamed, pattern in zip(rec.stats, patterns, strict=True):
+        want = stats_from_pattern(pattern, key_padding_mask=real, causal=True, **KW)
+        assert_agree(streamed, want, pattern)
+        assert (streamed.argmax[0, :, :5] == -1).all()  # left-padding queries see nothing
+
+
+def test_bidirectional_encoder_agrees_with_eager():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    bert = BertModel(config).eval()
+    bert.set_attn_implementation("eager")
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        out = bert(ids, attention_mask=mask, output_attentions=True)
+        with StreamedRecorder(bert, received=True, **KW) as rec:
+            hidden = bert(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], out.last_hidden_state[real], atol=ATOL, rtol=0)
+    for layer, pattern in enumerate(out.attentions):
+        want = stats_from_pattern(pattern, key_padding_mask=real, **KW)
+        assert_agree(rec.stats[layer], want, pattern)
+        torch.testing.assert_close(
+            rec.received[layer], (pattern * real[:, None, None, :]).sum(2), atol=ATOL, rtol=0
+        )
+
+
+def test_query_subset_and_mean(llama):
+    ids = torch.randint(2, 64, (2, 20), generator=torch.Generator().manual_seed(3))
+    qmask = torch.zeros(2, 20, dtype=torch.bool)
+    qmask[0, 15:] = True
+    qmask[1, 10:12] = True
+    with torch.no_grad():
+        with StreamedRecorder(llama, **KW) as full:
+            llama(ids)
+        with StreamedRecorder(llama, q_positions=[3, 15, 19], **KW) as sub:
+            llama(ids)
+        with StreamedRecorder(llama, query_mask=qmask, reduce="mean", received=True, **KW) as red:
+            llama(ids)
+    for a, b, c, r in zip(full.stats, sub.stats, red.stats, red.received, strict=True):
+        for name in FIELDS:
+            whole = getattr(a, name)
+            torch.testing.assert_close(getattr(b, name), whole[:, :, [3, 15, 19]])
+            w = qmask[:, None, :].float()
+            if whole.ndim == 4:
+                mean = (whole * w[..., None]).sum(2) / w.sum(-1)[..., None]
+            else:
+                mean = (whole * w).sum(-1) / w.sum(-1)
+            torch.testing.assert_close(getattr(c, name), mean)
+        assert c.argmax is None and c.entropy.shape == (2, 4)
+        assert r.shape == (2, 4, 20)
+        torch.testing.assert_close(r.sum(-1), qmask.sum(-1, keepdim=True).float().expand(2, 4))
+
+
+def test_generation_with_kv_cache(llama):
+    ids = torch.randint(2, 64, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with StreamedRecorder(llama, **KW) as rec:
+            seq = llama.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        with StreamedRecorder(llama, **KW) as full:
+            llama(seq[:, :-1])
+    assert len(rec.forwards) == 3 and rec.stats[0].entropy.shape == (1, 4, 1)
+    for step, whole in zip(rec.stats, full.stats, strict=True):  # last decode step = last row
+        for name in FIELDS:
+            torch.testing.assert_close(getattr(step, name), getattr(whole, name)[:, :, -1:])
+
+
+def test_unsupported_masks_raise():
+    mistral = _llama("MistralForCausalLM", sliding_window=6)
+    ids = torch.randint(2, 64, (1, 10))
+    with torch.no_grad(), StreamedRecorder(mistral) as rec:
+        with pytest.raises(NotImplementedError, match="sliding window"):
+            mistral(ids)
+        mistral(ids[:, :6])  # the window covers the whole input: plain causal
+    assert rec.stats[0].entropy.shape == (1, 4, 6)
+    assert mistral.config._attn_implementation == "eager"
+    assert mistral.config._attn_implementation != ATTENTION_NAME
+
+
+def test_bridged_model_is_refused(llama):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    twin = copy.deepcopy(llama)
+    TransformerBridge.boot_transformers("tiny-llama", hf_model=twin, tokenizer=_tokenizer())
+    with torch.no_grad(), StreamedRecorder(twin) as rec:
+        twin(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(RuntimeError, match="did not call the streamed attention"):
+        _ = rec.stats
