@@ -7,10 +7,12 @@ option) prints one line on stderr and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from workbench.errors import WorkbenchError
 
@@ -41,6 +43,7 @@ def _cmd_scan(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
         path=args.path,
+        options=dict(args.option),
         progress=not args.quiet,
     )
     print(result.summary())
@@ -76,6 +79,23 @@ def _cmd_cache(args: argparse.Namespace) -> None:
     print(f"cache file: {path}")
 
 
+def _probe_option(text: str) -> tuple[str, Any]:
+    """``key=value`` with value parsed as JSON, else a comma list of JSON items, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+
+    def parse(item: str) -> Any:
+        try:
+            return json.loads(item)
+        except json.JSONDecodeError:
+            return item
+
+    if "," in value and not value.lstrip().startswith(("[", "{")):
+        return key, [parse(v) for v in value.split(",")]
+    return key, parse(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="workbench",
@@ -102,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "pattern", "streamed"],
         default="auto",
         help="capture path (auto: patterns when short, streamed kernels when long)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_probe_option,
+        metavar="KEY=VALUE",
+        help="probe option, repeatable; VALUE is JSON or a comma list (lengths=1024,2048)",
     )
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

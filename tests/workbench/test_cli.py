@@ -85,3 +85,30 @@ def test_user_errors_are_one_line_exit_2(
     assert main([replace.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("workbench: error:") and message in err and "\n" not in err
+
+
+def test_probe_options_are_parsed():
+    from workbench.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "scan",
+            "m",
+            "--option",
+            "lengths=1024,2048",
+            "--option",
+            "variant=teacher",
+            "--option",
+            "depths=[0.1, 0.5]",
+            "--option",
+            "sink_size=4",
+        ]
+    )
+    assert dict(args.option) == {
+        "lengths": [1024, 2048],
+        "variant": "teacher",
+        "depths": [0.1, 0.5],
+        "sink_size": 4,
+    }
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["scan", "m", "--option", "novalue"])
