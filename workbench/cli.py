@@ -66,6 +66,44 @@ def _cmd_show(args: argparse.Namespace) -> None:
     print(ScanResult(info, tables).summary())
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from workbench.export import export, select_full
+    from workbench.headmap import HeadMap, Policy
+    from workbench.store import open_run
+
+    policy = Policy(
+        full_label=args.full_label,
+        sink_size=args.sink_size,
+        recent_size=args.recent_size,
+        gqa_rule=args.gqa,
+    )
+    with open_run(args.run) as run:
+        _check_identity(run.model, args.model, args.heads)
+        headmap = HeadMap.from_run(run, policy)
+    kwargs = {"score": args.score, "threshold": args.threshold, "full_fraction": args.full_fraction}
+    for path in export(headmap, args.format, args.out, **kwargs):
+        print(f"wrote {path}")
+    if args.format != "json":
+        selection = select_full(headmap, **kwargs)
+        print(
+            f"full attention: {int(selection.kv_full.sum())}/{selection.kv_full.size} KV heads "
+            f"({selection.rule})"
+        )
+
+
+def _check_identity(info: Any, model: str | None, heads: str | None) -> None:
+    from workbench.errors import RunMismatchError
+
+    if model is not None and model != info.name:
+        raise RunMismatchError(f"run is of model {info.name!r}, not {model!r}")
+    if heads is not None:
+        found = f"{info.n_layers},{info.n_heads},{info.n_kv_heads}"
+        if heads.replace(" ", "") != found:
+            raise RunMismatchError(
+                f"run has layers,heads,kv_heads = {found}, not {heads} as requested"
+            )
+
+
 def _cmd_cache(args: argparse.Namespace) -> None:
     from workbench.cache import write_cache
     from workbench.models import load
@@ -137,6 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("show", _cmd_show, "print the score tables of a run file")
     p.add_argument("run", help="run file (.h5) written by `workbench scan`")
     p.add_argument("--scores", help="comma-separated score names (default: all)")
+
+    p = command("export", _cmd_export, "export a run's head map for serving stacks")
+    p.add_argument("run", help="run file (.h5) written by `workbench scan`")
+    p.add_argument("--format", required=True, choices=["json", "duo", "layer-heads", "head-scores"])
+    p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument(
+        "--score", help="score deciding full attention (default: the one labelled --full-label)"
+    )
+    selection = p.add_mutually_exclusive_group()
+    selection.add_argument(
+        "--threshold",
+        type=float,
+        help="full when KV score > this (default: the score's own threshold)",
+    )
+    selection.add_argument("--full-fraction", type=float, help="share of KV heads kept full")
+    p.add_argument(
+        "--gqa",
+        choices=["max", "mean"],
+        default="max",
+        help="query-head scores -> KV-head score (default max)",
+    )
+    p.add_argument("--full-label", default="retrieval", help="label that needs the full cache")
+    p.add_argument("--sink-size", type=int, default=4, help="sink tokens for streaming heads")
+    p.add_argument("--recent-size", type=int, default=256, help="recent window for streaming heads")
+    p.add_argument("--model", help="refuse the run unless its model has this name")
+    p.add_argument("--heads", metavar="L,H,KV", help="refuse the run unless it has these counts")
 
     p = command("cache", _cmd_cache, "write hook activations of a prompt set to an HDF5 cache")
     p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")
