@@ -92,6 +92,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 if triton is not None:
 
     @triton.jit
+    def _load_rows(ptrs, offs_d, d: tl.constexpr):
+        """Load a [rows, BLOCK_D] tile whose rows are all in range; mask only padded columns."""
+        if offs_d.shape[0] == d:
+            return tl.load(ptrs)
+        return tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
+
+    @triton.jit
     def _scores(
         q,
         K_head,
@@ -118,7 +125,7 @@ if triton is not None:
                 k_ptrs, mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < d_head), other=0.0
             )
         else:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < d_head, other=0.0)  # [BLOCK_N, BLOCK_D]
+            k = _load_rows(k_ptrs, offs_d, d_head)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
         if MASKED:
             vis = offs_n[None, :] < k_len
@@ -199,7 +206,7 @@ if triton is not None:
                     v_ptrs, mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < d_v), other=0.0
                 )
             else:
-                v = tl.load(v_ptrs, mask=offs_dv[None, :] < d_v, other=0.0)
+                v = _load_rows(v_ptrs, offs_dv, d_v)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         return m_new, l_i, u_i, arg_i, acc
 
@@ -566,7 +573,9 @@ def _triton_stats(
     sink_size: int,
     recent_window: int | None,
     return_output: bool,
+    config: tuple[int, int, int, int] | None = None,
 ) -> AttentionStats:
+    """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`."""
     batch, n_heads, q_len, d_head = q.shape
     n_kv, k_len = k.shape[1], k.shape[2]
     dev = q.device
@@ -595,7 +604,7 @@ def _triton_stats(
     pad_arg = pad.to(torch.int8).contiguous() if pad is not None else qpos  # qpos: unused dummy
     vv = v if v is not None else k  # unread dummy when no output is requested
     oo = out if out is not None else lse.new_empty(1, 1, 1, 1)
-    block_m, block_n, warps, stages = block_sizes(d_head, q.is_cuda)
+    block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda)
     grid = (triton.cdiv(q_len, block_m), batch * n_heads)
     _stats_fwd[grid](
         q,

@@ -51,6 +51,7 @@ def block_sizes(d_head: int, on_gpu: bool) -> tuple[int, int, int, int]:
 
 
 if triton is not None:
+    from kernels.attention_stats import _load_rows
 
     @triton.jit
     def _received_block(
@@ -80,7 +81,7 @@ if triton is not None:
             q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d_head), other=0.0)
             lse2 = tl.load(LSE_row + offs_m, mask=row_ok, other=float("inf"))
         else:
-            q = tl.load(q_ptrs, mask=offs_d[None, :] < d_head, other=0.0)
+            q = _load_rows(q_ptrs, offs_d, d_head)
             lse2 = tl.load(LSE_row + offs_m)
         s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(s - lse2[:, None])
@@ -209,7 +210,7 @@ def received_attention(
         ``[batch, n_heads, k_len]`` fp32 column sums; 0 at padding keys.
     """
     check_qk(q, k)
-    batch, n_heads, q_len, d_head = q.shape
+    batch, n_heads, q_len, _ = q.shape
     check_lse_and_query_mask(lse, query_mask, batch, n_heads, q_len)
     if not _use_triton(backend, q):
         return reference.received_attention(
@@ -221,6 +222,21 @@ def received_attention(
     a = check_args(q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask)
     if not a.scale > 0 or not math.isfinite(a.scale):
         raise ValueError(f"scale must be positive and finite, got {a.scale}")
+    return _triton_received(q, k, lse, a, causal=causal, query_mask=query_mask)
+
+
+def _triton_received(
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor,
+    a: reference._Args,
+    *,
+    causal: bool,
+    query_mask: Tensor | None,
+    config: tuple[int, int, int, int] | None = None,
+) -> Tensor:
+    """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`."""
+    batch, n_heads, q_len, d_head = q.shape
     n_kv, k_len = k.shape[1], k.shape[2]
     out = torch.zeros(batch, n_heads, k_len, dtype=torch.float32, device=q.device)
     if q_len == 0 or k_len == 0:
@@ -230,7 +246,7 @@ def received_attention(
         keep = keep & query_mask.to(q.device)[:, None, :]
     lse2 = torch.where(keep, lse.float() * _LOG2E, math.inf).contiguous()
     is_sorted = a.default_positions or bool((a.q_positions[1:] >= a.q_positions[:-1]).all())
-    block_m, block_n, warps, stages = block_sizes(d_head, q.is_cuda)
+    block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda)
     q_lo, q_un = _query_block_ranges(a.q_positions, k_len, block_m, block_n, causal, is_sorted)
     grid = (triton.cdiv(k_len, block_n), batch * n_heads)
     _received_fwd[grid](

@@ -20,8 +20,10 @@ weight copy) for hook-based analysis.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -132,7 +134,12 @@ class Model:
         return next(self.hf.parameters()).device
 
     def bridge(self) -> TransformerBridge:
-        """The TransformerLens bridge over ``self.hf`` (built once; shares the weights).
+        """The TransformerLens bridge over a twin of ``self.hf`` (built once; shares the weights).
+
+        The bridge swaps the attention modules of the model it is given for its own (eager)
+        components, so it gets a structural copy whose parameters and buffers *are* those of
+        ``self.hf``: no extra weight memory, and ``self.hf`` keeps dispatching attention through
+        transformers' AttentionInterface for the streamed path.
 
         Hook names follow TransformerLens: ``blocks.{l}.attn.hook_pattern`` is
         ``[batch, head, q_pos, k_pos]``, ``blocks.{l}.attn.hook_z`` is
@@ -141,9 +148,11 @@ class Model:
         if self._bridge is None:
             from transformer_lens.model_bridge import TransformerBridge
 
+            tensors = itertools.chain(self.hf.parameters(), self.hf.buffers())
+            twin = copy.deepcopy(self.hf, memo={id(t): t for t in tensors})
             with _quiet_transformers():
                 self._bridge = TransformerBridge.boot_transformers(
-                    self.info.name, hf_model=self.hf, tokenizer=self.tokenizer
+                    self.info.name, hf_model=twin, tokenizer=self.tokenizer
                 )
         return self._bridge
 

@@ -148,6 +148,8 @@ class StreamedRecorder:
 
     @property
     def forwards(self) -> list[list[AttentionStats]]:
+        if torch.cuda.is_initialized():  # the non-blocking copies to the CPU have landed
+            torch.cuda.synchronize()
         for run in self._runs:
             if not run.calls:
                 raise RuntimeError(
@@ -170,6 +172,8 @@ class StreamedRecorder:
             raise RuntimeError("pass received=True to record received attention")
         if not self._runs:
             raise RuntimeError("no forward pass ran inside the StreamedRecorder context")
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         run = self._runs[-1]
         return [run.received[i] for i in sorted(run.received)]
 
@@ -234,10 +238,11 @@ class StreamedRecorder:
             rec = received_attention(
                 q_sel, key, st.lse, q_positions=positions, query_mask=query_mask, **common
             )
-            run.received[layer] = rec.to(self.device)
+            run.received[layer] = rec.to(self.device, non_blocking=True)
         if self.reduce == "mean":
             st = _mean_over_queries(st, query_mask)
-        run.stats[layer] = st.to(self.device)
+        # non-blocking: the GPU goes on with the next layer; `forwards` synchronizes
+        run.stats[layer] = st.apply(lambda t: t.to(self.device, non_blocking=True))
         return output
 
 

@@ -65,7 +65,7 @@ def test_invalid_headmap_files(tmp_path, headmap):
 def test_selection_rules(headmap):
     by_threshold = select_full(headmap)
     assert by_threshold.kv_full.tolist() == [[True, False], [False, True]]
-    assert "retrieval > 0.1 (max over KV group)" == by_threshold.rule
+    assert by_threshold.rule == "retrieval > 0.1 (max over KV group)"
     assert select_full(headmap, threshold=0.4).kv_full.tolist() == [[False, False], [False, True]]
     assert select_full(headmap, full_fraction=0.25).kv_full.sum() == 1
     assert select_full(headmap, full_fraction=1.0).kv_full.all()

@@ -41,6 +41,10 @@ def test_bridge_shares_weights_and_exposes_patterns(tiny_model):
     assert pattern.shape == (1, 4, ids.shape[1], ids.shape[1])
     torch.testing.assert_close(pattern.sum(-1), torch.ones(1, 4, ids.shape[1]))
     torch.testing.assert_close(logits, tiny_model.hf(ids).logits, atol=1e-4, rtol=1e-4)
+    weight = tiny_model.hf.model.embed_tokens.weight
+    assert any(p.data_ptr() == weight.data_ptr() for p in bridge.parameters())
+    # the Hugging Face model keeps its own attention modules (the streamed path needs them)
+    assert type(tiny_model.hf.model.layers[0].self_attn).__name__ == "LlamaAttention"
 
 
 def test_unknown_names_and_bad_paths(tmp_path):
