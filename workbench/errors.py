@@ -42,6 +42,10 @@ class RunMismatchError(RunFileError):
     """A partial run cannot be resumed because its model or prompts differ from the request."""
 
 
+class DistributedError(WorkbenchError):
+    """A data-parallel or multi-device run cannot go on (a rank failed, devices do not fit)."""
+
+
 class ShapeError(WorkbenchError, ValueError):
     """A tensor or array has the wrong shape; the message names the expected one."""
 
@@ -51,3 +55,18 @@ class MissingEntryError(WorkbenchError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class TaskBuildError(WorkbenchError, ValueError):
+    """A templated task (IOI, colored objects, ...) cannot be built for this tokenizer, e.g. too
+    few of its names are single tokens."""
+
+
+class ProbeOptionError(WorkbenchError, ValueError):
+    """A probe option (``scan(..., options=...)``, ``--option KEY=VALUE``) has a bad value, or the
+    probe cannot measure these inputs on the requested capture path."""
+
+
+class InterventionError(WorkbenchError, ValueError):
+    """An intervention spec or evaluation request is invalid (unknown kind, head out of range,
+    missing prompt variant); the message names what to change."""
