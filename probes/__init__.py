@@ -8,11 +8,26 @@ source.
 from __future__ import annotations
 
 from probes.base import Measurement, Probe, ScanContext
+from probes.dormant import DormantProbe
 from probes.entropy import EntropyProbe
-from probes.sinks import FirstTokenSinkProbe
+from probes.positional import PositionalProbe
+from probes.sinks import FirstTokenSinkProbe, HiddenSinkProbe, ResidualPeakProbe, ValueDrainProbe
+from probes.streaming import StreamingProbe
 from workbench.errors import WorkbenchError
 
-PROBES: dict[str, Probe] = {p.name: p for p in [FirstTokenSinkProbe(), EntropyProbe()]}
+PROBES: dict[str, Probe] = {
+    p.name: p
+    for p in [
+        FirstTokenSinkProbe(),
+        EntropyProbe(),
+        HiddenSinkProbe(),
+        ValueDrainProbe(),
+        ResidualPeakProbe(),
+        DormantProbe(),
+        PositionalProbe(),
+        StreamingProbe(),
+    ]
+}
 
 
 def get_probes(names: str | list[str]) -> list[Probe]:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from workbench.errors import ProbeOptionError
 from workbench.models import Model
 from workbench.scores import ScoreTable
 from workbench.tasks import PromptSet
@@ -29,6 +30,30 @@ class ScanContext:
     max_tokens: int | None = None
     path: str = "auto"  # capture path: "auto", "pattern" or "streamed"
     options: dict[str, Any] = field(default_factory=dict)  # probe-specific, e.g. lengths
+
+    def option(self, name: str, default: Any) -> Any:
+        """Option ``name`` converted to the type of ``default`` (bool, int, float, str, or a
+        tuple of str for a tuple default; a comma list or a single string is accepted there).
+
+        Raises:
+            ProbeOptionError: the value does not convert.
+        """
+        value = self.options.get(name, default)
+        try:
+            if isinstance(default, bool):
+                if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                    return value.lower() in ("true", "1")
+                if isinstance(value, bool | int):
+                    return bool(value)
+                raise ValueError(value)
+            if isinstance(default, tuple):
+                items = value.split(",") if isinstance(value, str) else list(value)
+                return tuple(str(v).strip() for v in items if str(v).strip())
+            return type(default)(value)
+        except (TypeError, ValueError):
+            raise ProbeOptionError(
+                f"option {name}={value!r}: expected {type(default).__name__} (default {default!r})"
+            ) from None
 
     def token_ids(self) -> list[np.ndarray]:
         """The scan's prompts tokenized, each ``[seq]``."""
