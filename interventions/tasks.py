@@ -1,0 +1,335 @@
+"""Tasks with metrics, the evaluation loop's inputs.
+
+A task turns a model into batches of *equal-length* prompts (no padding: an intervention at
+position -1 means the same token in every row, and a resampled prompt lines up token by token)
+and scores logits per example. Anything with this shape is a task (:class:`Task`); the
+built-ins:
+
+* :class:`IOI` — indirect object identification (Wang et al. 2022) from
+  :mod:`workbench.tasks.ioi`: ``logit_diff`` = logit(IO) − logit(S) at the final token and
+  ``accuracy`` = share with logit(IO) > logit(S); the ABC prompts are the ``corrupted`` variant.
+* :class:`Needle` — needle-in-a-haystack retrieval at one length (Wu et al. 2024's prompt, from
+  :mod:`workbench.tasks.needle`), scored by teacher forcing: ``answer_accuracy`` = share of the
+  answer's tokens that are the model's greedy choice given the answer so far (a token-level
+  stand-in for the reference's ROUGE-1 recall of a generated answer), ``exact`` = all of them,
+  ``answer_logprob`` = mean log-probability of the answer tokens.
+* :class:`Loss` — next-token cross-entropy on windows of the shipped corpus (``loss``, nats).
+* :class:`NextToken` — custom prompts with a target (and optionally a foil and a corrupted
+  twin): ``logit_diff`` (with foils) or ``logprob``, and ``accuracy``.
+* :class:`Toy` — the task a ``toy-*`` reference model was trained on
+  (:mod:`workbench.toys.tasks`): ``accuracy`` and (where defined) ``logit_diff`` at the scored
+  positions, as its model card measures them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from workbench.errors import InterventionError
+from workbench.models import Model
+
+__all__ = ["IOI", "TASKS", "Loss", "Needle", "NextToken", "Task", "TaskBatch", "Toy", "make_task"]
+
+
+@dataclass
+class TaskBatch:
+    """Equal-length prompts and what the task's score needs.
+
+    ``tokens [batch, seq]``; ``variants`` maps a name (``"corrupted"``) to aligned token ids of
+    the same shape, read by resample and patch interventions; ``keep``: the score reads the
+    logits of the last ``keep`` positions (None = every position); ``data``: per-example targets.
+    """
+
+    tokens: Tensor  # [batch, seq]
+    variants: dict[str, Tensor] = field(default_factory=dict)
+    keep: int | None = 1
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What `interventions.evaluate` needs. ``metrics[0]`` is the headline metric."""
+
+    name: str
+    metrics: tuple[str, ...]
+
+    def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
+        """The task's prompts for this model's tokenizer, in equal-length batches."""
+        ...
+
+    def score(self, logits: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        """Per-example metrics ``{name: [batch]}`` from ``logits [batch, keep, vocab]``."""
+        ...
+
+
+def _buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by equal length, in chunks of at most ``batch_size``."""
+    if batch_size < 1:
+        raise InterventionError(f"batch_size must be >= 1, got {batch_size}")
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(lengths):
+        by_length[int(n)].append(i)
+    return [
+        idx[s : s + batch_size]
+        for _, idx in sorted(by_length.items())
+        for s in range(0, len(idx), batch_size)
+    ]
+
+
+def _pair_scores(last: Tensor, target: Tensor, foil: Tensor | None) -> dict[str, Tensor]:
+    """``last [batch, vocab]`` logits at the answer position."""
+    rows = torch.arange(last.shape[0], device=last.device)
+    right = last[rows, target.to(last.device)]
+    if foil is None:
+        logprob = last.float().log_softmax(-1)[rows, target.to(last.device)]
+        correct = last.argmax(-1) == target.to(last.device)
+        return {"logprob": logprob, "accuracy": correct.float()}
+    diff = right - last[rows, foil.to(last.device)]
+    return {"logit_diff": diff.float(), "accuracy": (diff > 0).float()}
+
+
+@dataclass
+class IOI:
+    """IOI prompts (``n``, drawn with ``seed``) and their ABC twins; ``toy=True`` uses the
+    vocabulary and templates of the ``toy-ioi`` reference model."""
+
+    n: int = 64
+    seed: int = 0
+    toy: bool = False
+    templates: tuple[int, ...] | None = None
+    name: str = "ioi"
+    metrics: tuple[str, ...] = ("logit_diff", "accuracy")
+
+    def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
+        from workbench.tasks.ioi import ioi_dataset, paper_task, toy_task
+
+        task = toy_task() if self.toy else paper_task()
+        clean, abc = ioi_dataset(model.tokenizer, n=self.n, seed=self.seed, task=task,
+                                 templates=self.templates)  # fmt: skip
+        ends = clean.end.tolist()
+        out = []
+        for idx in _buckets(ends, batch_size):
+            width = ends[idx[0]] + 1
+            out.append(
+                TaskBatch(
+                    tokens=clean.tokens[idx, :width],
+                    variants={"corrupted": abc.tokens[idx, :width]},
+                    keep=1,
+                    data={"target": clean.answer_ids[idx], "foil": clean.wrong_ids[idx]},
+                )
+            )
+        return out
+
+    def score(self, logits: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        return _pair_scores(logits[:, -1], batch.data["target"], batch.data["foil"])
+
+
+@dataclass
+class NextToken:
+    """Custom prompts: ``targets[i]`` should follow ``prompts[i]`` (its first token counts).
+
+    With ``foils`` the metric is logit(target) − logit(foil); ``corrupted`` prompts (same token
+    length as their clean prompt) become the ``corrupted`` variant.
+    """
+
+    prompts: Sequence[str]
+    targets: Sequence[str]
+    foils: Sequence[str] | None = None
+    corrupted: Sequence[str] | None = None
+    name: str = "next-token"
+    metrics: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        if n == 0:
+            raise InterventionError("NextToken needs at least one prompt")
+        for label, items in (("targets", self.targets), ("foils", self.foils),
+                             ("corrupted", self.corrupted)):  # fmt: skip
+            if items is not None and len(items) != n:
+                raise InterventionError(f"NextToken: {len(items)} {label} for {n} prompts")
+        if not self.metrics:
+            self.metrics = ("logit_diff", "accuracy") if self.foils else ("logprob", "accuracy")
+
+    def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
+        def first_token(text: str) -> int:
+            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InterventionError(f"NextToken: {text!r} tokenizes to nothing")
+            return int(ids[0])
+
+        prompts = [model.tokenize(p) for p in self.prompts]
+        variants = [model.tokenize(p) for p in self.corrupted] if self.corrupted else None
+        if variants is not None:
+            for i, (p, c) in enumerate(zip(prompts, variants, strict=True)):
+                if len(p) != len(c):
+                    raise InterventionError(
+                        f"NextToken: corrupted prompt {i} has {len(c)} tokens, its clean prompt "
+                        f"{len(p)}; a corrupted twin must line up token by token"
+                    )
+        targets = torch.tensor([first_token(t) for t in self.targets])
+        foils = torch.tensor([first_token(t) for t in self.foils]) if self.foils else None
+        out = []
+        for idx in _buckets([len(p) for p in prompts], batch_size):
+            out.append(
+                TaskBatch(
+                    tokens=torch.stack([prompts[i] for i in idx]),
+                    variants={"corrupted": torch.stack([variants[i] for i in idx])}
+                    if variants
+                    else {},
+                    keep=1,
+                    data={"target": targets[idx], "foil": None if foils is None else foils[idx]},
+                )
+            )
+        return out
+
+    def score(self, logits: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        return _pair_scores(logits[:, -1], batch.data["target"], batch.data["foil"])
+
+
+@dataclass
+class Needle:
+    """Needle retrieval at ``length`` tokens over ``depths`` × ``needles`` (indices into
+    :data:`workbench.tasks.needle.NEEDLES`, default all), haystacks seeded from ``seed``."""
+
+    length: int = 1024
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    needles: tuple[int, ...] | None = None
+    seed: int = 0
+    name: str = "needle"
+    metrics: tuple[str, ...] = ("answer_accuracy", "exact", "answer_logprob")
+
+    def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
+        from workbench.tasks.needle import needle_grid
+
+        needles = None if self.needles is None else list(self.needles)
+        if needles is not None:
+            from workbench.tasks.needle import NEEDLES
+
+            needles = [NEEDLES[i] for i in needles]
+        trials = needle_grid(model.tokenizer, [self.length], list(self.depths), needles,
+                             seed=self.seed)  # fmt: skip
+        # teacher forcing: the prompt, then the answer but its last token
+        rows = [np.concatenate([t.token_ids, t.answer_ids[:-1]]) for t in trials]
+        out = []
+        for idx in _buckets([len(r) for r in rows], batch_size):
+            answer = torch.tensor(np.stack([trials[i].answer_ids for i in idx]))
+            out.append(
+                TaskBatch(
+                    tokens=torch.tensor(np.stack([rows[i] for i in idx])),
+                    keep=answer.shape[1],
+                    data={"answer": answer},
+                )
+            )
+        return out
+
+    def score(self, logits: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        answer = batch.data["answer"].to(logits.device)  # [batch, n_answer]
+        correct = (logits.argmax(-1) == answer).float()
+        logprob = logits.float().log_softmax(-1).gather(-1, answer[..., None])[..., 0]
+        return {
+            "answer_accuracy": correct.mean(-1),
+            "exact": correct.min(-1).values,
+            "answer_logprob": logprob.mean(-1),
+        }
+
+
+@dataclass
+class Loss:
+    """Next-token loss on ``n`` windows of ``length`` tokens of the shipped ``corpus``
+    (``"prose"`` or ``"code"``), or of ``text`` when given; windows start at seeded places."""
+
+    n: int = 16
+    length: int = 128
+    corpus: str = "prose"
+    text: str | None = None
+    seed: int = 0
+    name: str = "loss"
+    metrics: tuple[str, ...] = ("loss",)
+
+    def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
+        from workbench.tasks.corpus import corpus
+
+        text = self.text if self.text is not None else corpus(self.corpus)
+        ids = np.asarray(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = model.tokenize("a")[:1].tolist()
+        bos = bos if bos == [model.tokenizer.bos_token_id] else []
+        span = self.length - len(bos)
+        if len(ids) < span + 1:
+            raise InterventionError(f"the text has {len(ids)} tokens, fewer than a window")
+        starts = np.random.default_rng(self.seed).integers(0, len(ids) - span, size=self.n)
+        rows = [torch.tensor(bos + ids[s : s + span].tolist()) for s in starts]
+        return [
+            TaskBatch(tokens=torch.stack([rows[i] for i in idx]), keep=None)
+            for idx in _buckets([len(r) for r in rows], batch_size)
+        ]
+
+    def score(self, logits: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        target = batch.tokens[:, 1:].to(logits.device)
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, reduction="none")
+        return {"loss": losses.mean(-1)}
+
+
+@dataclass
+class Toy:
+    """The training task of a ``toy-*`` reference model (``toy-bb``, ``toy-recall``,
+    ``toy-ioi``): ``n`` fresh sequences drawn with ``seed``, scored at the task's positions."""
+
+    model_name: str = "toy-ioi"
+    n: int = 256
+    seed: int = 12345
+    name: str = "toy"
+    metrics: tuple[str, ...] = ("accuracy", "logit_diff")
+
+    def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
+        from workbench.toys.tasks import get_task
+
+        sample = get_task(self.model_name).sample(self.n, self.seed)
+        has_foil = bool((sample.wrong[sample.eval_mask] >= 0).all())
+        self.metrics = ("accuracy", "logit_diff") if has_foil else ("accuracy",)
+        idx_all = list(range(self.n))
+        return [
+            TaskBatch(
+                tokens=sample.input_ids[idx],
+                keep=None,
+                data={
+                    "labels": sample.labels[idx],
+                    "mask": sample.eval_mask[idx],
+                    "wrong": sample.wrong[idx],
+                },
+            )
+            for idx in [idx_all[s : s + batch_size] for s in range(0, self.n, batch_size)]
+        ]
+
+    def score(self, logits: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
+        mask = batch.data["mask"].to(logits.device)  # [batch, seq]
+        labels = batch.data["labels"].clamp(min=0).to(logits.device)
+        right = logits.gather(-1, labels[..., None])[..., 0]
+        per_position = (logits.argmax(-1) == labels).float()
+        count = mask.sum(-1).clamp(min=1)
+        out = {"accuracy": (per_position * mask).sum(-1) / count}
+        if "logit_diff" in self.metrics:
+            wrong = batch.data["wrong"].clamp(min=0).to(logits.device)
+            diff = right - logits.gather(-1, wrong[..., None])[..., 0]
+            out["logit_diff"] = (diff * mask).sum(-1) / count
+        return out
+
+
+TASKS: dict[str, type] = {"ioi": IOI, "needle": Needle, "loss": Loss, "toy": Toy}
+
+
+def make_task(name: str, **options: Any) -> Task:
+    """A built-in task by name with its options (``make_task("needle", length=4096)``)."""
+    if name not in TASKS:
+        raise InterventionError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    try:
+        return TASKS[name](**options)
+    except TypeError as e:
+        raise InterventionError(f"task {name!r}: {e}") from None
