@@ -30,24 +30,57 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 
 def _cmd_scan(args: argparse.Namespace) -> None:
+    import torch
+
+    from workbench import distributed
+    from workbench.errors import DistributedError
     from workbench.models import load
     from workbench.scanner import scan
 
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).stem}.h5"
-    model = load(args.model, device=args.device)
-    result = scan(
-        model,
-        args.prompts,
-        probes=args.probes,
-        out=out,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        path=args.path,
-        options=dict(args.option),
-        progress=not args.quiet,
-    )
-    print(result.summary())
-    print(f"run file: {result.path}")
+    # under torchrun each rank scans its share of the prompts on its own GPU (workbench.distributed)
+    ranks = distributed.init_from_env()
+    try:
+        if ranks.world_size > 1 and args.device_map:
+            raise DistributedError(
+                "--device-map spreads one model copy over this process's GPUs; under torchrun "
+                "each rank holds its own copy on one GPU: use one or the other"
+            )
+        placement = {"device_map": args.device_map} if args.device_map else {}
+        device = None if args.device_map else distributed.rank_device(ranks, args.device)
+        dtype = getattr(torch, args.dtype)
+        model = load(args.model, device=device, dtype=dtype, **placement)
+        result = scan(
+            model,
+            args.prompts,
+            probes=args.probes,
+            out=out,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            path=args.path,
+            options=dict(args.option),
+            progress=not args.quiet,
+        )
+    finally:
+        distributed.shutdown()
+    if ranks.is_main:
+        print(result.summary())
+        print(f"run file: {result.path}")
+
+
+def _device_map(text: str) -> str | dict[str, Any]:
+    """A device-map strategy name or a JSON object ``{module name: device}``."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"--device-map is not valid JSON: {e}") from e
+    if text not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise argparse.ArgumentTypeError(
+            f"--device-map takes auto, balanced, balanced_low_0, sequential or a JSON object, "
+            f"not {text!r}"
+        )
+    return text
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
@@ -117,6 +150,46 @@ def _cmd_cache(args: argparse.Namespace) -> None:
     print(f"cache file: {path}")
 
 
+def _cmd_train_toy(args: argparse.Namespace) -> None:
+    from workbench.toys import train_toy
+
+    if args.steps is not None and args.steps < 1:
+        raise WorkbenchError(f"--steps must be a positive number of steps, not {args.steps}")
+    out = train_toy(args.name, args.out, seed=args.seed, steps=args.steps, device=args.device)
+    print(f"toy model: {out}")
+
+
+def _cmd_app(args: argparse.Namespace) -> None:
+    try:
+        from app import serve
+    except ImportError as e:
+        raise WorkbenchError(
+            f"the explorer needs the app extra ({e}); "
+            "run: pip install 'attention-head-workbench[app]'"
+        ) from e
+
+    dirs = [Path(r) for r in args.runs if Path(r).is_dir()]
+    files = [Path(r) for r in args.runs if not Path(r).is_dir()]
+    if len(dirs) > 1 or (dirs and args.runs_dir):
+        raise WorkbenchError("give one runs directory (a directory argument or --runs-dir)")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise WorkbenchError(f"no such run file: {', '.join(missing)}")
+    runs_dir = Path(args.runs_dir or (dirs[0] if dirs else "runs"))
+    if not runs_dir.is_dir() and not files:
+        raise WorkbenchError(
+            f"no runs directory {runs_dir}; make a run first (workbench scan MODEL --out "
+            f"{runs_dir}/x.h5) or pass run files: workbench app RUN.h5"
+        )
+    serve(runs_dir, files, host=args.host, port=args.port, device=args.device)
+
+
+def _cmd_intervene(args: argparse.Namespace) -> None:
+    from interventions.command import run
+
+    run(args)
+
+
 def _probe_option(text: str) -> tuple[str, Any]:
     """``key=value`` with value parsed as JSON, else a comma list of JSON items, else a string."""
     key, sep, value = text.partition("=")
@@ -169,7 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="probe option, repeatable; VALUE is JSON or a comma list (lengths=1024,2048)",
     )
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    placement = p.add_mutually_exclusive_group()
+    placement.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    placement.add_argument(
+        "--device-map",
+        type=_device_map,
+        help="spread a model too large for one GPU over all visible ones: auto, balanced, "
+        "sequential or JSON {module: device} (accelerate's device maps)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weight dtype (default float32; bfloat16 halves memory)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("show", _cmd_show, "print the score tables of a run file")
@@ -208,6 +294,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hooks", required=True, help="hook-name glob(s), e.g. 'blocks.*.attn.hook_z'")
     p.add_argument("--out", required=True, help="cache file to write (.h5)")
     p.add_argument("--max-tokens", type=int, help="truncate prompts to this many tokens")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("train-toy", _cmd_train_toy, "train a reference model with a known mechanism")
+    p.add_argument("name", help="toy-bb, toy-recall or toy-ioi")
+    p.add_argument("--out", help="checkpoint directory (default data/models/NAME)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, init and batch order")
+    p.add_argument("--steps", type=int, help="training steps (default: the shipped model's)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    p = command("app", _cmd_app, "serve the Dash explorer of run files on 127.0.0.1")
+    p.add_argument(
+        "runs", nargs="*", metavar="RUN", help="run files to show, or the runs directory"
+    )
+    p.add_argument("--runs-dir", help="directory whose run files are listed (default runs/)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--device", help="device for model views (default: cuda when available)")
+
+    p = command(
+        "intervene", _cmd_intervene, "ablate, redistribute or patch heads and measure a task"
+    )
+    p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--spec", help="intervention spec: JSON file or inline JSON (one or a list)")
+    mode.add_argument("--sweep", metavar="KIND", help="apply KIND to each head alone (e.g. zero)")
+    mode.add_argument("--self-repair", metavar="L.H,...", help="direct vs total effect per head")
+    p.add_argument("--task", required=True, choices=["ioi", "needle", "loss", "toy"])
+    p.add_argument(
+        "--task-option", action="append", default=[], type=_probe_option, metavar="KEY=VALUE",
+        help="task option, repeatable (n=32, length=4096, depths=0.1,0.5, seed=1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--option", action="append", default=[], type=_probe_option, metavar="KEY=VALUE",
+        help="spec option for --sweep/--self-repair (factor=2, beta=0.4, sinks=[0])",
+    )  # fmt: skip
+    p.add_argument("--kind", default="zero", help="intervention kind for --self-repair")
+    p.add_argument("--heads", metavar="L.H,...", help="heads to sweep (default: all)")
+    p.add_argument("--scores", metavar="RUN", help="sweep the top-k heads of a run's score")
+    p.add_argument("--score", help="score table name in --scores")
+    p.add_argument("--top-k", type=int, help="how many top heads (default 10)")
+    p.add_argument("--controls", type=int, default=3, help="random-head control draws (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of controls and bootstrap")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    p.add_argument("--path", choices=["auto", "pattern", "streamed"], default="auto")
+    p.add_argument("--out", help="write the result as JSON")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

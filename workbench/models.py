@@ -258,6 +258,8 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
 ) -> Model:
     """Load a model by spec (built-in name, HF directory, ``.gguf`` file or hub name).
 
@@ -266,26 +268,43 @@ def load(
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
         dtype: weight dtype (float32 by default: statistics are compared at 1e-4).
         revision: hub revision (branch, tag or commit) for hub names.
+        device_map: spread a model too large for one GPU over several, as
+            ``from_pretrained(device_map=...)`` does with accelerate: ``"auto"``,
+            ``"balanced"``, ``"sequential"`` or ``{module name: device}``. Excludes ``device``.
+            The streamed capture path runs across the devices (:mod:`workbench.distributed`).
+        max_memory: per-device limits for ``device_map``, e.g. ``{0: "60GiB", 1: "60GiB"}``.
 
     Raises:
         UnknownModelError: nothing of that name exists.
         ModelNotInstalledError: a built-in's package is missing (the message says what to install).
         ModelLoadError: the files exist but cannot be loaded.
     """
+    if device_map is not None and device is not None:
+        raise ValueError("pass either device (one device) or device_map (several), not both")
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory applies to a device_map; pass device_map too")
+    placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if spec in BUILTINS:
-        model = _load_builtin(BUILTINS[spec], dtype)
+        model = _load_builtin(BUILTINS[spec], dtype, placement)
     elif spec.startswith("toy-"):
         path = TOY_MODELS_DIR / spec
         if not (path / "config.json").is_file():
             known = ", ".join(toy_names()) or "none shipped"
             raise UnknownModelError(f"unknown reference model {spec!r} (available: {known})")
-        model = _load_hf_dir(path, name=spec, source="toy", revision="data/models", dtype=dtype)
+        model = _load_hf_dir(
+            path, name=spec, source="toy", revision="data/models", dtype=dtype, **placement
+        )
     elif _looks_like_path(spec):
-        model = _load_path(spec, dtype)
+        model = _load_path(spec, dtype, placement)
     else:
-        model = _load_hub(spec, revision, dtype)
-    model.hf.to(device)
+        model = _load_hub(spec, revision, dtype, placement)
+    if device_map is None:
+        model.hf.to(device)
+    else:
+        from workbench.distributed import follow_device_map
+
+        follow_device_map(model.hf)
     model.hf.eval()
     return model
 
@@ -298,7 +317,7 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def _load_path(spec: str, dtype: torch.dtype) -> Model:
+def _load_path(spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> Model:
     path = Path(spec).expanduser()
     if not path.exists():
         raise UnknownModelError(f"no such model file or directory: {spec}")
@@ -309,16 +328,26 @@ def _load_path(spec: str, dtype: torch.dtype) -> Model:
                 "directory (with config.json)"
             )
         return _load_gguf(
-            path, name=path.stem, source="gguf", revision=_file_revision(path), dtype=dtype
+            path,
+            name=path.stem,
+            source="gguf",
+            revision=_file_revision(path),
+            dtype=dtype,
+            **placement,
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
     return _load_hf_dir(
-        path, name=path.name, source="local", revision=str(path.resolve()), dtype=dtype
+        path,
+        name=path.name,
+        source="local",
+        revision=str(path.resolve()),
+        dtype=dtype,
+        **placement,
     )
 
 
-def _load_builtin(builtin: Builtin, dtype: torch.dtype) -> Model:
+def _load_builtin(builtin: Builtin, dtype: torch.dtype, placement: dict[str, Any]) -> Model:
     pkg = _package_dir(builtin.package)
     if pkg is None or not builtin.locate(pkg).exists():
         raise ModelNotInstalledError(
@@ -332,6 +361,7 @@ def _load_builtin(builtin: Builtin, dtype: torch.dtype) -> Model:
             source="builtin",
             revision=f"{builtin.install.split()[-1]} ({weights.name})",
             dtype=dtype,
+            **placement,
         )
     return _load_hf_dir(
         weights,
@@ -339,6 +369,7 @@ def _load_builtin(builtin: Builtin, dtype: torch.dtype) -> Model:
         source="builtin",
         revision=builtin.install.split()[-1],
         dtype=dtype,
+        **placement,
     )
 
 
@@ -347,13 +378,17 @@ def _file_revision(path: Path) -> str:
     return f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
 
 
-def _load_gguf(path: Path, *, name: str, source: str, revision: str, dtype: torch.dtype) -> Model:
+def _load_gguf(
+    path: Path, *, name: str, source: str, revision: str, dtype: torch.dtype, **placement: Any
+) -> Model:
     """Dequantize a GGUF file once, cache it as a Hugging Face directory, load from the cache."""
     key = hashlib.sha256(f"{path.resolve()}|{_file_revision(path)}".encode()).hexdigest()[:16]
     cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if not (cached / "model.safetensors").is_file():
         _dequantize_gguf(path, cached)
-    return _load_hf_dir(cached, name=name, source=source, revision=revision, dtype=dtype)
+    return _load_hf_dir(
+        cached, name=name, source=source, revision=revision, dtype=dtype, **placement
+    )
 
 
 def _dequantize_gguf(path: Path, target: Path) -> None:
@@ -387,20 +422,27 @@ def _dequantize_gguf(path: Path, target: Path) -> None:
         raise
 
 
-def _load_hf_dir(path: Path, *, name: str, source: str, revision: str, dtype: torch.dtype) -> Model:
+def _load_hf_dir(
+    path: Path, *, name: str, source: str, revision: str, dtype: torch.dtype, **placement: Any
+) -> Model:
+    """``placement``: ``device_map`` and ``max_memory`` for ``from_pretrained``, if any."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(str(path))
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            hf = _auto_class(config).from_pretrained(str(path), config=config, dtype=dtype)
+            hf = _auto_class(config).from_pretrained(
+                str(path), config=config, dtype=dtype, **placement
+            )
     except Exception as e:
         raise ModelLoadError(f"could not load the Hugging Face model in {path}: {e}") from e
     return Model(_model_info(hf.config, name=name, source=source, revision=revision), hf, tokenizer)
 
 
-def _load_hub(spec: str, revision: str | None, dtype: torch.dtype) -> Model:
+def _load_hub(
+    spec: str, revision: str | None, dtype: torch.dtype, placement: dict[str, Any]
+) -> Model:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -416,7 +458,7 @@ def _load_hub(spec: str, revision: str | None, dtype: torch.dtype) -> Model:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
             hf = _auto_class(config).from_pretrained(
-                spec, config=config, revision=revision, dtype=dtype
+                spec, config=config, revision=revision, dtype=dtype, **placement
             )
     except Exception as e:
         raise ModelLoadError(f"could not load {spec!r} from the Hugging Face hub: {e}") from e

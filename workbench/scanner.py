@@ -17,15 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
+from workbench import distributed
 from workbench.models import Model, ModelInfo, load
 from workbench.scores import ScoreTable
 from workbench.store import RunWriter
 from workbench.tasks import PromptSet, load_prompts
 
 if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
     from probes import Measurement, Probe
 
 
@@ -60,6 +62,8 @@ class ScanResult:
 
     def heatmap(self, name: str) -> go.Figure:
         """Layer x head heatmap of one score table."""
+        import plotly.graph_objects as go  # lazy: scans run where plotly is not installed
+
         table = self.tables[name]
         fig = go.Figure(
             go.Heatmap(
@@ -149,6 +153,20 @@ def scan(
         "prompts": prompts.hash,
         "options": ctx.options,
     }
+    ranks = distributed.current()
+    if ranks.world_size > 1:  # launched by torchrun: this rank measures its share of the items
+        tables, written = distributed.scan_shards(
+            measurements,
+            ranks,
+            out=out,
+            info=model.info,
+            parameters=parameters,
+            batch_size=batch_size,
+            progress=progress,
+            run=_run_measurement,
+            score=lambda stats: _score(chosen, stats),
+        )
+        return ScanResult(model.info, tables, written)
     if out is None:
         stats = {
             key: _run_measurement(m, 0, batch_size, progress, None)
@@ -185,16 +203,19 @@ def _run_measurement(
     batch_size: int,
     progress: bool,
     on_batch: Callable[[int, list[dict[str, np.ndarray]]], None] | None,
+    items: list[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Measure items ``start..`` in batches; returns the items measured here, stacked."""
+    """Measure ``items`` (default all of ``m``'s) from position ``start`` on, in batches; returns
+    the items measured here, stacked. ``on_batch`` gets each batch's first position in ``items``."""
+    items = list(range(len(m.texts))) if items is None else items
     collected: list[dict[str, np.ndarray]] = []
     batch: list[dict[str, np.ndarray]] = []
-    n = len(m.texts)
+    n = len(items)
     with tqdm(
         total=n, initial=start, desc=m.key, unit="item", disable=not progress, file=sys.stderr
     ) as bar:
         for index in range(start, n):
-            batch.append(m.measure(index))
+            batch.append(m.measure(items[index]))
             bar.update(1)
             if len(batch) == batch_size or index == n - 1:
                 if on_batch is not None:

@@ -7,6 +7,7 @@
     /measurements/<key>/            attrs: inputs_hash, n_items, n_done
     /measurements/<key>/texts       [n_items] UTF-8 (the prompt of each item)
     /measurements/<key>/token_ids   [n_items] variable-length int32
+    /measurements/<key>/item_index  [n_items] int64, part files of data-parallel scans only
     /measurements/<key>/stats/<s>   [n_items, ...] float32, attrs: definition
     /scores/<name>                  [n_layers, n_heads] float32,
                                     attrs: definition, threshold, label, parameters (JSON)
@@ -37,6 +38,7 @@ from workbench.errors import (
     ForeignFileError,
     MissingEntryError,
     RunFileError,
+    RunMismatchError,
     SchemaVersionError,
     ShapeError,
 )
@@ -228,9 +230,18 @@ class RunWriter:
         return f
 
     def measurement(
-        self, key: str, texts: list[str], token_ids: list[np.ndarray], definitions: dict[str, str]
+        self,
+        key: str,
+        texts: list[str],
+        token_ids: list[np.ndarray],
+        definitions: dict[str, str],
+        item_index: list[int] | None = None,
     ) -> MeasurementWriter:
-        """The group of one measurement; reopened (resumable) when its inputs are unchanged."""
+        """The group of one measurement; reopened (resumable) when its inputs are unchanged.
+
+        ``item_index`` marks a part file of a data-parallel scan: the given items are those at
+        these positions of the whole measurement (see :meth:`MeasurementWriter.merge`).
+        """
         inputs_hash = _inputs_hash(texts, token_ids)
         name = f"measurements/{key}"
         if name in self._f and self._f[name].attrs.get("inputs_hash") != inputs_hash:
@@ -242,6 +253,8 @@ class RunWriter:
             ids = group.create_dataset("token_ids", (len(token_ids),), dtype=_IDS)
             for i, t in enumerate(token_ids):
                 ids[i] = np.asarray(t, dtype=np.int32)
+            if item_index is not None:
+                group.create_dataset("item_index", data=np.asarray(item_index, dtype=np.int64))
             self._f.flush()
         return MeasurementWriter(self._f, self._f[name], definitions)
 
@@ -327,6 +340,59 @@ class MeasurementWriter:
         # a half-written one counted as done.
         self._f.flush()
         self._group.attrs["n_done"] = start + len(items)
+        self._f.flush()
+
+    def merge(self, parts: list[str | Path]) -> None:
+        """Fill this measurement from the part files of a data-parallel scan; all items done.
+
+        Each part is a run file (usually a rank's ``.partial``) of the same model whose group of
+        this measurement holds some of the items, all done, and ``item_index`` (their positions
+        here). Together the parts must cover every item exactly once, with the same inputs.
+        """
+        key = self._group.name.rsplit("/", 1)[-1]
+        texts = [t.decode() for t in self._group["texts"][()]]
+        token_ids = list(self._group["token_ids"][()])
+        merged: dict[str, np.ndarray] = {}  # name -> [n_items, ...]
+        covered = np.zeros(self.n_items, dtype=bool)
+        for path in map(Path, parts):
+            with open_h5(path, RUN_SCHEMA, RUN_SCHEMA_VERSION) as f:
+                if f.attrs["model_config_hash"] != self._f.attrs["model_config_hash"]:
+                    raise RunMismatchError(f"{path} is a part of a scan of another model")
+                group = f.get(f"measurements/{key}")
+                if group is None or "item_index" not in group:
+                    raise RunFileError(f"{path} holds no part of measurement {key!r}")
+                done, n = int(group.attrs["n_done"]), int(group.attrs["n_items"])
+                if done < n:
+                    raise RunFileError(
+                        f"{path} has {done}/{n} items of {key!r}; rerun the scan to finish it"
+                    )
+                index = group["item_index"][()]
+                if len(index) and (index.min() < 0 or index.max() >= self.n_items):
+                    raise RunMismatchError(f"{path}: items of {key!r} beyond {self.n_items}")
+                if covered[index].any():
+                    raise RunMismatchError(f"{path} repeats items of {key!r} of another part")
+                inputs = _inputs_hash([texts[i] for i in index], [token_ids[i] for i in index])
+                if group.attrs["inputs_hash"] != inputs:
+                    raise RunMismatchError(f"{path} measured other inputs for {key!r}")
+                covered[index] = True
+                if not len(index):  # more ranks than items
+                    continue
+                for name in self.definitions:
+                    part = group[f"stats/{name}"][()]  # [len(index), ...]
+                    if name not in merged:
+                        merged[name] = np.full((self.n_items, *part.shape[1:]), np.nan, np.float32)
+                    merged[name][index] = part
+        if not covered.all():
+            raise RunFileError(
+                f"the parts cover {int(covered.sum())}/{self.n_items} items of {key!r}"
+            )
+        for name, definition in self.definitions.items():
+            if f"stats/{name}" in self._group:
+                del self._group[f"stats/{name}"]
+            d = self._group.create_dataset(f"stats/{name}", data=merged[name])
+            d.attrs["definition"] = definition
+        self._f.flush()
+        self._group.attrs["n_done"] = self.n_items
         self._f.flush()
 
     def stats(self) -> dict[str, np.ndarray]:

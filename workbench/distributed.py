@@ -1,0 +1,303 @@
+"""Past one GPU: data-parallel scans over torch.distributed ranks, and models spread over GPUs.
+
+**Data parallel** (many prompts). ``torchrun --nproc-per-node N -m workbench scan MODEL ...``
+starts N copies of the command; torchrun's environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) lets each join one process group
+(:func:`init_from_env`). Every rank loads the whole model on its own GPU (``cuda:LOCAL_RANK``)
+and, for every measurement the probes declare, measures the items ``i`` with
+``i % N == rank``: interleaved, as PyTorch's ``DistributedSampler`` splits a dataset without
+shuffling, so that a prompt set sorted by length still loads the ranks evenly. A rank checkpoints
+its items in its own *part file*, the partial run file of ``<out>.rank<r>-of-<N>``
+(:class:`workbench.store.RunWriter`, the run-file schema plus each group's ``item_index``). When
+every rank is done, rank 0 merges the parts (:meth:`workbench.store.MeasurementWriter.merge`)
+into the run file, scores it as a single-process scan does, publishes it atomically and deletes
+the parts: the result is the file a single-process scan writes. A rank that dies leaves the parts
+behind (its own up to its last stored batch, the others' as far as they got); rerunning the same
+command with the same N resumes every rank after its last stored batch.
+
+Only coordination crosses processes: each rank's outcome after measuring, and the score tables
+from rank 0. The process group therefore uses gloo (TCP), which needs no GPU and spans nodes; the
+part files meet on the filesystem, so the run file must be on storage every rank can read.
+
+**Sharded model** (too large for one GPU). ``workbench.load(spec, device_map="auto")`` hands the
+device map to ``from_pretrained``; accelerate places consecutive decoder layers on the GPUs and
+moves the hidden states between them (one GPU works at a time). The streamed capture path runs
+unchanged: each layer's attention function gets q, k, v on that layer's GPU, the statistics
+kernels run there, and each layer's statistics are copied to the CPU as it finishes. Triton
+launches a kernel on the *current* CUDA device, not on its tensors' device, so
+:func:`follow_device_map` makes each placed module's GPU current while the module runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from workbench.errors import DistributedError
+from workbench.models import ModelInfo
+from workbench.scores import ScoreTable
+from workbench.store import RunWriter, partial_path
+
+if TYPE_CHECKING:
+    from probes import Measurement
+
+# Ranks wait for the slowest one before the merge; interleaved items keep that wait short, but a
+# barrier must outlast one rank's longest batch of very long prompts.
+DEFAULT_TIMEOUT = timedelta(hours=2)
+
+Stats = dict[str, np.ndarray]  # statistic name -> [n_items, ...]
+RunMeasurement = Callable[..., Stats]  # workbench.scanner._run_measurement
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in a data-parallel job (``world_size`` 1 when alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def items(self, n_items: int) -> list[int]:
+        """This rank's share of ``n_items`` items: ``rank, rank + world_size, ...``."""
+        return list(range(self.rank, n_items, self.world_size))
+
+
+def current() -> Ranks:
+    """The ranks of the initialised default process group, or a single process."""
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return Ranks(dist.get_rank(), dist.get_world_size(), local)
+    return Ranks()
+
+
+def init_from_env(timeout: timedelta = DEFAULT_TIMEOUT) -> Ranks:
+    """Join the process group that torchrun's environment describes (gloo backend).
+
+    A process started without torchrun (no ``WORLD_SIZE`` above 1) stays single; a group that
+    is already initialised (a notebook or a launcher of the user's) is used as it is.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if not dist.is_available():
+            raise DistributedError("this torch build has no torch.distributed")
+        dist.init_process_group("gloo", timeout=timeout)
+    return current()
+
+
+def shutdown() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(ranks: Ranks, device: str | None) -> str | None:
+    """The device of this rank's model copy: ``cuda:LOCAL_RANK`` for ``None`` or ``"cuda"`` when
+    GPUs are visible, else ``device`` as given (``None``: :func:`workbench.load`'s default)."""
+    if ranks.world_size == 1 or device not in (None, "cuda") or not torch.cuda.is_available():
+        return device
+    visible = torch.cuda.device_count()
+    if ranks.local_rank >= visible:
+        raise DistributedError(
+            f"local rank {ranks.local_rank} needs GPU {ranks.local_rank} but this node shows "
+            f"{visible}; start at most {visible} processes per node (--nproc-per-node)"
+        )
+    torch.cuda.set_device(ranks.local_rank)
+    return f"cuda:{ranks.local_rank}"
+
+
+def part_file(out: Path, rank: int, world_size: int) -> Path:
+    """The run file whose partial copy holds rank ``rank``'s items (never published itself)."""
+    return out.with_name(f"{out.name}.rank{rank}-of-{world_size}")
+
+
+def scan_shards(
+    measurements: dict[str, Measurement],
+    ranks: Ranks,
+    *,
+    out: str | Path | None,
+    info: ModelInfo,
+    parameters: dict[str, Any],
+    batch_size: int,
+    progress: bool,
+    run: RunMeasurement,
+    score: Callable[[dict[str, Stats]], dict[str, ScoreTable]],
+) -> tuple[dict[str, ScoreTable], Path | None]:
+    """This rank's part of a scan (see the module docstring); every rank returns all tables.
+
+    ``run(m, start, batch_size, progress, on_batch, items=...)`` measures items of ``m``;
+    ``score(stats)`` turns ``{key: {statistic: [n_items, ...]}}`` into score tables. With
+    ``out=None`` nothing touches the disk: the ranks exchange their statistics instead.
+    """
+    progress = progress and ranks.is_main  # one bar (rank 0's share), not N interleaved ones
+    if out is None:
+        return _scan_in_memory(measurements, ranks, batch_size, progress, run, score), None
+    out = Path(out)
+    share = {**parameters, "part": [ranks.rank, ranks.world_size]}
+    failure: Exception | None = None
+    part = RunWriter(part_file(out, ranks.rank, ranks.world_size), info, share)
+    try:
+        for key, m in measurements.items():
+            items = ranks.items(len(m.texts))
+            group = part.measurement(
+                key,
+                [m.texts[i] for i in items],
+                [m.token_ids[i] for i in items],
+                m.definitions,
+                item_index=items,
+            )
+            if 0 < group.n_done < group.n_items:
+                print(
+                    f"rank {ranks.rank}: resuming {out} ({key}) after item "
+                    f"{group.n_done}/{group.n_items} of this rank",
+                    file=sys.stderr,
+                )
+            run(m, group.n_done, batch_size, progress, group.write, items=items)
+    except Exception as e:  # the other ranks must hear of it, or they wait at the merge
+        failure = e
+    finally:
+        part.close()
+    _agree(ranks, failure)
+
+    outcome: list[Any] = [None, None, None]  # tables, published path, error message
+    if ranks.is_main:
+        try:
+            outcome[:2] = _merge(measurements, ranks, out, info, parameters, score)
+        except Exception as e:
+            outcome[2] = f"{type(e).__name__}: {e}"
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    tables, written, error = outcome
+    if error is not None:
+        raise DistributedError(f"rank 0 could not merge the parts ({error})")
+    return tables, written
+
+
+def _agree(ranks: Ranks, failure: Exception | None) -> None:
+    """Every rank learns whether any rank failed; the failed one raises its own error, the others
+    a :class:`DistributedError` naming it."""
+    message = None if failure is None else f"{type(failure).__name__}: {failure}"
+    outcomes: list[str | None] = [None] * ranks.world_size
+    dist.all_gather_object(outcomes, message)
+    if failure is not None:
+        raise failure
+    failed = [f"rank {r} failed ({m})" for r, m in enumerate(outcomes) if m is not None]
+    if failed:
+        raise DistributedError("; ".join(failed) + "; rerun the same command to resume")
+
+
+def _merge(
+    measurements: dict[str, Measurement],
+    ranks: Ranks,
+    out: Path,
+    info: ModelInfo,
+    parameters: dict[str, Any],
+    score: Callable[[dict[str, Stats]], dict[str, ScoreTable]],
+) -> tuple[dict[str, ScoreTable], Path]:
+    """Rank 0: merge every rank's part into ``out``, score, publish, delete the parts."""
+    parts = [partial_path(part_file(out, r, ranks.world_size)) for r in range(ranks.world_size)]
+    writer = RunWriter(out, info, parameters)
+    try:
+        stats = {}
+        for key, m in measurements.items():
+            group = writer.measurement(key, m.texts, m.token_ids, m.definitions)
+            group.merge(parts)
+            stats[key] = group.stats()
+        tables = score(stats)
+        for table in tables.values():
+            writer.write_score(table)
+            if table.label:
+                writer.write_label(table.label, table.selected, f"{table.name} > {table.threshold}")
+        written = writer.finish()
+    finally:
+        writer.close()
+    for path in parts:  # only once the merged file is published: until then they are the resume
+        path.unlink(missing_ok=True)
+    return tables, written
+
+
+def _scan_in_memory(
+    measurements: dict[str, Measurement],
+    ranks: Ranks,
+    batch_size: int,
+    progress: bool,
+    run: RunMeasurement,
+    score: Callable[[dict[str, Stats]], dict[str, ScoreTable]],
+) -> dict[str, ScoreTable]:
+    """Measure this rank's items, exchange the statistics, score on every rank."""
+    own: dict[str, Stats] = {}
+    failure: Exception | None = None
+    try:
+        for key, m in measurements.items():
+            items = ranks.items(len(m.texts))
+            own[key] = run(m, 0, batch_size, progress, None, items=items)
+    except Exception as e:
+        failure = e
+    _agree(ranks, failure)
+    shares: list[dict[str, Stats]] = [{} for _ in range(ranks.world_size)]
+    dist.all_gather_object(shares, own)
+    stats: dict[str, Stats] = {}
+    for key, m in measurements.items():
+        n_items = len(m.texts)
+        stats[key] = {}
+        for rank, share in enumerate(shares):
+            for name, values in share[key].items():  # values: [items of this rank, ...]
+                if name not in stats[key]:
+                    stats[key][name] = np.empty((n_items, *values.shape[1:]), values.dtype)
+                stats[key][name][rank :: ranks.world_size] = values
+    return score(stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models spread over several GPUs
+
+
+def follow_device_map(model: torch.nn.Module) -> None:
+    """Make each placed module's GPU the current CUDA device while it runs.
+
+    ``model.hf_device_map`` (set by ``from_pretrained(device_map=...)``) names the module of each
+    placement, e.g. ``{"model.layers.0": 0, ..., "model.layers.20": 1, "lm_head": 1}``. Kernels
+    that launch on the current device (Triton's) then run where their tensors are. The caller's
+    current device is restored after each forward pass. Nothing is hooked when fewer than two
+    GPUs are used.
+    """
+    placement = {
+        name: index
+        for name, device in (getattr(model, "hf_device_map", None) or {}).items()
+        if (index := _cuda_index(device)) is not None
+    }
+    if len(set(placement.values())) < 2:
+        return
+    callers: list[int] = []
+    model.register_forward_pre_hook(lambda *_: callers.append(torch.cuda.current_device()))
+    model.register_forward_hook(lambda *_: torch.cuda.set_device(callers.pop()))
+    for name, index in placement.items():
+        module = model.get_submodule(name) if name else model
+        module.register_forward_pre_hook(partial(_make_current, index))
+
+
+def _make_current(index: int, *_: object) -> None:
+    torch.cuda.set_device(index)
+
+
+def _cuda_index(device: Any) -> int | None:
+    """GPU index of a device-map value (``0``, ``"cuda:1"``, ``torch.device``), else None."""
+    if isinstance(device, int):
+        return device
+    if isinstance(device, str) and not device.startswith("cuda"):
+        return None  # "cpu", "disk", "meta"
+    device = torch.device(device)
+    return (device.index or 0) if device.type == "cuda" else None
