@@ -1,0 +1,92 @@
+"""Small building blocks shared by the pages: panels, the run header, links, head parsing."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlencode
+
+from dash import dcc, html
+
+from workbench.models import ModelInfo
+
+_HEAD = re.compile(r"^\s*L?(\d+)\s*[.:,/ ]\s*H?(\d+)\s*$", re.IGNORECASE)
+
+
+def error_panel(message: str, *, title: str = "Cannot show this") -> html.Div:
+    """A red panel with one actionable message; the server keeps running."""
+    return html.Div(
+        [html.Strong(title), html.P(message, className="panel-message")],
+        className="panel error-panel",
+        role="alert",
+    )
+
+
+def needs_panel(what: str, detail: str) -> html.Div:
+    """Says which part of the workbench a view waits for, instead of showing invented data."""
+    return html.Div(
+        [html.Strong(f"Needs {what}"), html.P(detail, className="panel-message")],
+        className="panel needs-panel",
+    )
+
+
+def note(text: str) -> html.P:
+    return html.P(text, className="note")
+
+
+def href(path: str, **query: object) -> str:
+    """``/path?key=value`` with the Nones left out."""
+    params = {k: v for k, v in query.items() if v is not None and v != ""}
+    return f"{path}?{urlencode(params)}" if params else path
+
+
+def model_line(info: ModelInfo) -> str:
+    kind = "causal" if info.causal else "bidirectional"
+    gqa = (
+        f", {info.n_kv_heads} KV heads (groups of {info.group_size})"
+        if info.group_size > 1
+        else ", no GQA"
+    )
+    return (
+        f"{info.name} · {info.architecture} · {info.n_layers} layers × {info.n_heads} heads"
+        f"{gqa} · {kind}"
+    )
+
+
+def run_header(key: str, info: ModelInfo, *links: tuple[str, str]) -> html.Div:
+    """Run key, model line and links to the other views of the same run."""
+    return html.Div(
+        [
+            html.Div([html.Span("run ", className="muted"), html.Code(key)]),
+            html.Div(model_line(info), className="muted"),
+            html.Div(
+                [dcc.Link(text, href=target, className="pill") for text, target in links],
+                className="pill-row",
+            ),
+        ],
+        className="run-header",
+    )
+
+
+def parse_heads(text: str | None, info: ModelInfo) -> list[tuple[int, int]]:
+    """``"3.2, L4H1, 5:0"`` -> [(3, 2), (4, 1), (5, 0)]; raises ValueError naming a bad item."""
+    heads: list[tuple[int, int]] = []
+    for item in (text or "").replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        compact = re.fullmatch(r"L(\d+)H(\d+)", item, re.IGNORECASE)
+        match = compact or _HEAD.match(item)
+        if match is None:
+            raise ValueError(f"{item!r} is not a head; write layer.head, e.g. 3.2 or L3H2")
+        layer, head = int(match.group(1)), int(match.group(2))
+        if not (0 <= layer < info.n_layers and 0 <= head < info.n_heads):
+            raise ValueError(
+                f"{item!r} is outside the model ({info.n_layers} layers × {info.n_heads} heads)"
+            )
+        if (layer, head) not in heads:
+            heads.append((layer, head))
+    return heads
+
+
+def format_heads(heads: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{layer}.{head}" for layer, head in heads)

@@ -1,0 +1,430 @@
+"""Plotly figures of the explorer, with one colour scale per score wherever it appears.
+
+A score keeps the same colour scale on every page (:func:`score_scale`): its colours come from a
+fixed table (or, for a score the table does not know, a stable hash of its name), and a score
+whose values lie in [0, 1] always spans exactly [0, 1], so a colour means the same number in the
+atlas, the comparison and the head page. Other scores span the range of what is shown together
+(both runs on the Compare page). Differences use a diverging scale centred on 0.
+
+Atlas grids are layer × head heatmaps (layer 0 at the top, as TransformerLens's ``imshow`` of
+head scores) with grouped-query attention drawn in: thin lines between KV groups and the KV head
+of every query head in its hover text (query head h reads KV head ``h // group_size``, the HF
+``repeat_kv`` rule). One heatmap trace holds all heads, so a 30 × 32 grid stays one draw call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from workbench.models import ModelInfo
+
+KNOWN_SCALES = {
+    "sink": "Viridis",
+    "hidden_sink": "Plasma",
+    "entropy": "Cividis",
+    "normalized_entropy": "Cividis",
+    "value_drain": "Tealgrn",
+    "residual_peak": "Burg",
+    "retrieval": "Magma",
+    "dormant": "Purples",
+    "positional": "Oranges",
+    "previous_token": "Oranges",
+    "induction": "Greens",
+}
+FALLBACK_SCALES = ["Blues", "Greens", "Purples", "Oranges", "Teal", "Sunset", "Emrld", "Peach"]
+PATTERN_SCALE = "Blues"
+DIFF_SCALE = "RdBu_r"
+LABEL_COLOURS = ("#e9ecef", "#c0392b")  # not labelled, labelled
+MASKED_COLOUR = "#f4f4f4"  # heads outside the threshold range
+FONT = {"family": "Inter, Segoe UI, Helvetica, Arial, sans-serif", "size": 12}
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    colorscale: str
+    zmin: float
+    zmax: float
+
+
+def score_scale(name: str, *tables: np.ndarray) -> ColourScale:
+    """The colour scale of score ``name`` for the given ``[n_layers, n_heads]`` tables."""
+    if name in KNOWN_SCALES:
+        colorscale = KNOWN_SCALES[name]
+    else:
+        digest = int(hashlib.sha256(name.encode()).hexdigest(), 16)
+        colorscale = FALLBACK_SCALES[digest % len(FALLBACK_SCALES)]
+    finite = np.concatenate([np.asarray(t, dtype=float).ravel() for t in tables] or [np.zeros(1)])
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return ColourScale(colorscale, 0.0, 1.0)
+    lo, hi = float(finite.min()), float(finite.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return ColourScale(colorscale, 0.0, 1.0)
+    if hi == lo:
+        hi = lo + 1.0
+    return ColourScale(colorscale, lo, hi)
+
+
+def _layout(fig: go.Figure, *, height: int, title: str | None = None) -> go.Figure:
+    fig.update_layout(
+        height=height,
+        margin={"l": 60, "r": 20, "t": 56 if title else 28, "b": 48},
+        font=FONT,
+        title={"text": title, "x": 0, "xanchor": "left", "font": {"size": 14}} if title else None,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        clickmode="event",
+    )
+    return fig
+
+
+def grid_height(n_layers: int) -> int:
+    return int(min(720, max(300, 20 * n_layers + 110)))
+
+
+def _kv_decorations(fig: go.Figure, info: ModelInfo, row: int | None, col: int | None) -> None:
+    """Lines between KV groups (GQA), so the heads that share a KV cache read as one block."""
+    group = info.group_size
+    if group <= 1:
+        return
+    for g in range(1, info.n_kv_heads):
+        fig.add_vline(x=g * group - 0.5, line={"color": "#212529", "width": 1.5}, row=row, col=col)
+
+
+def _hover(info: ModelInfo, label: str) -> np.ndarray:
+    layers, heads = np.indices((info.n_layers, info.n_heads))
+    kv = heads // info.group_size
+    text = np.char.add(
+        np.char.add(np.char.add("L", layers.astype(str)), np.char.add(" H", heads.astype(str))),
+        np.char.add(" · KV ", kv.astype(str)),
+    )
+    return np.char.add(text, f"<br>{label}")
+
+
+def atlas_heatmap(
+    info: ModelInfo,
+    values: np.ndarray,
+    name: str,
+    *,
+    value_range: tuple[float, float] | None = None,
+    selected: np.ndarray | None = None,
+    scale: ColourScale | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Layer × head heatmap of one score (``values: [n_layers, n_heads]``).
+
+    Heads outside ``value_range`` are greyed out; ``selected`` (bool ``[n_layers, n_heads]``,
+    e.g. the probe's label) marks heads with a dot.
+    """
+    values = np.asarray(values, dtype=float)  # [n_layers, n_heads]
+    scale = scale or score_scale(name, values)
+    shown = values.copy()
+    if value_range is not None:
+        lo, hi = value_range
+        shown[(values < lo) | (values > hi)] = np.nan
+    fig = go.Figure(
+        go.Heatmap(
+            z=shown,
+            x=list(range(info.n_heads)),
+            y=list(range(info.n_layers)),
+            customdata=values,
+            colorscale=scale.colorscale,
+            zmin=scale.zmin,
+            zmax=scale.zmax,
+            text=_hover(info, name),
+            hovertemplate="%{text} = %{customdata:.3f}<extra></extra>",
+            colorbar={"title": {"text": name, "side": "right"}, "thickness": 14},
+            xgap=1,
+            ygap=1,
+        )
+    )
+    if selected is not None and selected.any():
+        layers, heads = np.nonzero(selected)
+        fig.add_trace(
+            go.Scatter(
+                x=heads,
+                y=layers,
+                mode="markers",
+                marker={"symbol": "circle", "size": 5, "color": "white", "line": {"width": 1}},
+                hoverinfo="skip",
+                showlegend=False,
+            )
+        )
+    _kv_decorations(fig, info, None, None)
+    _grid_axes(fig, info)
+    return _layout(fig, height=grid_height(info.n_layers), title=title)
+
+
+def label_heatmap(info: ModelInfo, mask: np.ndarray, label: str) -> go.Figure:
+    """Layer × head grid of one label (``mask: [n_layers, n_heads]`` bool)."""
+    z = np.asarray(mask, dtype=float)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(info.n_heads)),
+            y=list(range(info.n_layers)),
+            colorscale=[[0, LABEL_COLOURS[0]], [1, LABEL_COLOURS[1]]],
+            zmin=0,
+            zmax=1,
+            text=_hover(info, label),
+            customdata=np.where(mask, "yes", "no"),
+            hovertemplate="%{text}: %{customdata}<extra></extra>",
+            showscale=False,
+            xgap=1,
+            ygap=1,
+        )
+    )
+    _kv_decorations(fig, info, None, None)
+    _grid_axes(fig, info)
+    n = int(np.asarray(mask).sum())
+    title = f"label {label}: {n} of {z.size} heads"
+    return _layout(fig, height=grid_height(info.n_layers), title=title)
+
+
+def _grid_axes(fig: go.Figure, info: ModelInfo, row: int | None = None, col: int | None = None):
+    step = 1 if info.n_heads <= 16 else 2
+    fig.update_xaxes(
+        title_text="head" + (f" (KV groups of {info.group_size})" if info.group_size > 1 else ""),
+        tickmode="array",
+        tickvals=list(range(0, info.n_heads, step)),
+        showgrid=False,
+        zeroline=False,
+        constrain="domain",
+        row=row,
+        col=col,
+    )
+    ystep = 1 if info.n_layers <= 16 else 2
+    fig.update_yaxes(
+        title_text="layer",
+        autorange="reversed",
+        tickmode="array",
+        tickvals=list(range(0, info.n_layers, ystep)),
+        showgrid=False,
+        zeroline=False,
+        row=row,
+        col=col,
+    )
+
+
+def embedding_scatter(
+    coords: np.ndarray,
+    layers: np.ndarray,
+    heads: np.ndarray,
+    kv_heads: np.ndarray,
+    clusters: np.ndarray,
+    colour_values: np.ndarray,
+    colour_name: str,
+    *,
+    title: str,
+    scale: ColourScale | None = None,
+) -> go.Figure:
+    """2-D embedding of head fingerprints (``coords: [n_heads_total, 2]``), coloured by a score,
+    one marker symbol per cluster; ``customdata`` carries (layer, head) for clicks."""
+    scale = scale or score_scale(colour_name, colour_values)
+    symbols = ["circle", "square", "diamond", "triangle-up", "cross", "x", "star", "hexagon"]
+    hover = [
+        f"L{layer} H{head} · KV {kv} · cluster {c}<br>{colour_name} = {v:.3f}"
+        for layer, head, kv, c, v in zip(
+            layers, heads, kv_heads, clusters, colour_values, strict=True
+        )
+    ]
+    fig = go.Figure(
+        go.Scatter(
+            x=coords[:, 0],
+            y=coords[:, 1],
+            mode="markers",
+            customdata=np.stack([layers, heads], axis=1),
+            text=hover,
+            hovertemplate="%{text}<extra></extra>",
+            marker={
+                "size": 8,
+                "color": colour_values,
+                "colorscale": scale.colorscale,
+                "cmin": scale.zmin,
+                "cmax": scale.zmax,
+                "symbol": [symbols[int(c) % len(symbols)] for c in clusters],
+                "line": {"width": 0.5, "color": "#343a40"},
+                "colorbar": {"title": {"text": colour_name, "side": "right"}, "thickness": 14},
+            },
+        )
+    )
+    fig.update_xaxes(showticklabels=False, title_text="embedding 1", zeroline=False)
+    fig.update_yaxes(showticklabels=False, title_text="embedding 2", zeroline=False)
+    return _layout(fig, height=420, title=title)
+
+
+def pattern_heatmap(pattern: np.ndarray, labels: Sequence[str], *, title: str) -> go.Figure:
+    """One head's attention pattern ``[q_pos, k_pos]`` with token labels on both axes."""
+    n = len(labels)
+    fig = go.Figure(
+        go.Heatmap(
+            z=pattern,
+            x=list(range(n)),
+            y=list(range(n)),
+            colorscale=PATTERN_SCALE,
+            zmin=0,
+            zmax=1,
+            customdata=np.array(
+                [[f"{labels[q]} → {labels[k]}" for k in range(n)] for q in range(n)]
+            ),
+            hovertemplate="%{customdata}: %{z:.3f}<extra></extra>",
+            colorbar={"title": {"text": "attention", "side": "right"}, "thickness": 14},
+        )
+    )
+    tick_font = 11 if n <= 32 else 9
+    cell = min(44.0, max(9.0, 600.0 / n))  # px per token: readable labels, square cells
+    fig.update_xaxes(
+        tickmode="array",
+        tickvals=list(range(n)),
+        ticktext=list(labels),
+        tickangle=-60,
+        tickfont={"size": tick_font},
+        title_text="key (attended to)",
+        side="bottom",
+    )
+    fig.update_yaxes(
+        tickmode="array",
+        tickvals=list(range(n)),
+        ticktext=list(labels),
+        tickfont={"size": tick_font},
+        autorange="reversed",
+        title_text="query",
+        scaleanchor="x",
+    )
+    fig = _layout(fig, height=int(cell * n) + 190, title=title)
+    fig.update_layout(margin={"l": 110, "r": 20, "t": 56, "b": 120})
+    return fig
+
+
+def position_lines(
+    first_token_mass: np.ndarray,
+    entropy: np.ndarray,
+    received_rate: np.ndarray,
+    *,
+    title: str,
+) -> go.Figure:
+    """Streamed statistics along positions: per query (first-token mass, entropy) and per key
+    (received attention rate)."""
+    fig = make_subplots(
+        rows=3,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=(
+            "first-token (sink) mass per query",
+            "entropy per query (nats)",
+            "received attention rate per key",
+        ),
+    )
+    x = np.arange(len(entropy))
+    for row, y, colour in (
+        (1, first_token_mass, "#1f77b4"),
+        (2, entropy, "#6c757d"),
+        (3, received_rate, "#c0392b"),
+    ):
+        fig.add_trace(
+            go.Scatter(x=x, y=y, mode="lines", line={"width": 1.4, "color": colour}),
+            row=row,
+            col=1,
+        )
+    fig.update_layout(showlegend=False)
+    fig.update_xaxes(title_text="position", row=3, col=1)
+    fig.update_annotations(font={"size": 12})
+    return _layout(fig, height=520, title=title)
+
+
+def compare_heatmaps(
+    info_a: ModelInfo,
+    values_a: np.ndarray,
+    info_b: ModelInfo,
+    values_b: np.ndarray,
+    name: str,
+    *,
+    titles: tuple[str, str],
+) -> go.Figure:
+    """Side-by-side atlases of one score with one shared colour scale, plus their difference
+    (B − A, diverging, heads whose label flips outlined) when both runs have the same shape."""
+    scale = score_scale(name, values_a, values_b)
+    same = values_a.shape == values_b.shape
+    cols = 3 if same else 2
+    fig = make_subplots(
+        rows=1,
+        cols=cols,
+        subplot_titles=(*titles, "difference B − A") if same else titles,
+        horizontal_spacing=0.09,
+    )
+    for col, (info, values) in enumerate(((info_a, values_a), (info_b, values_b)), start=1):
+        fig.add_trace(
+            go.Heatmap(
+                z=values,
+                colorscale=scale.colorscale,
+                zmin=scale.zmin,
+                zmax=scale.zmax,
+                text=_hover(info, name),
+                hovertemplate="%{text} = %{z:.3f}<extra></extra>",
+                colorbar={"x": 0.62 if same else 1.0, "thickness": 10, "len": 0.9}
+                if col == 2
+                else None,
+                showscale=col == 2,
+                xgap=1,
+                ygap=1,
+            ),
+            row=1,
+            col=col,
+        )
+        _kv_decorations(fig, info, 1, col)
+        _grid_axes(fig, info, 1, col)
+    if same:
+        diff = values_b - values_a
+        bound = float(np.nanmax(np.abs(diff))) or 1.0
+        fig.add_trace(
+            go.Heatmap(
+                z=diff,
+                colorscale=DIFF_SCALE,
+                zmin=-bound,
+                zmax=bound,
+                text=_hover(info_a, f"{name} B − A"),
+                hovertemplate="%{text} = %{z:+.3f}<extra></extra>",
+                colorbar={"x": 1.0, "thickness": 10, "len": 0.9},
+                xgap=1,
+                ygap=1,
+            ),
+            row=1,
+            col=3,
+        )
+        _kv_decorations(fig, info_a, 1, 3)
+        _grid_axes(fig, info_a, 1, 3)
+    fig.update_annotations(font={"size": 12})
+    height = grid_height(max(info_a.n_layers, info_b.n_layers))
+    fig = _layout(fig, height=height)
+    fig.update_layout(margin={"t": 64})  # subplot titles clear of the mode bar
+    return fig
+
+
+def depth_profile(
+    series: Sequence[tuple[str, ModelInfo, np.ndarray]], name: str, *, title: str
+) -> go.Figure:
+    """Per-layer mean of a score against relative depth (layer / (n_layers − 1)), so runs of
+    models with different depths line up."""
+    fig = go.Figure()
+    for label, info, values in series:
+        depth = np.arange(info.n_layers) / max(info.n_layers - 1, 1)
+        fig.add_trace(
+            go.Scatter(
+                x=depth,
+                y=np.nanmean(values, axis=1),
+                mode="lines+markers",
+                name=label,
+                hovertemplate="depth %{x:.2f}: %{y:.3f}<extra>" + label + "</extra>",
+            )
+        )
+    fig.update_xaxes(title_text="relative depth (layer / last layer)", range=[-0.02, 1.02])
+    fig.update_yaxes(title_text=f"mean {name} over heads")
+    fig.update_layout(legend={"orientation": "h", "y": -0.25})
+    return _layout(fig, height=360, title=title)

@@ -1,0 +1,1 @@
+"""Dash Pages of the explorer, one module per page; :mod:`app.server` registers them."""

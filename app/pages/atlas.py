@@ -1,0 +1,295 @@
+"""Atlas: the layer × head grid coloured by any score or label, and the head-fingerprint map.
+
+The grid is one heatmap (fast at 30+ layers × 32 heads); the range slider greys out heads whose
+score lies outside it, dots mark the heads the probe labelled, and lines separate KV groups
+(grouped-query attention). The second view is :func:`probes.atlas.build_atlas`: k-means clusters
+(marker shapes) and a PCA layout of every head's standardised score vector, coloured by the score
+chosen above. Clicking a head in either view opens it on the Head page.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dash import Input, Output, State, callback, dcc, html, no_update
+
+from app import catalog
+from app import figures as figs
+from app.components import error_panel, href, needs_panel, note, run_header
+from workbench.errors import WorkbenchError
+
+SCORE, LABEL = "score:", "label:"
+PREFERRED = ("sink", "retrieval", "entropy")  # the first view, when the run has one
+
+
+def _views(run) -> list[dict[str, str]]:
+    return [{"label": f"score · {n}", "value": SCORE + n} for n in run.score_names] + [
+        {"label": f"label · {n}", "value": LABEL + n} for n in run.label_names
+    ]
+
+
+def layout(run: str | None = None, view: str | None = None, **_query: str) -> html.Div:
+    cat = catalog.current()
+    if not run:
+        return _pick_run()
+    try:
+        with cat.open(run) as r:
+            info = r.model
+            views = _views(r)
+    except WorkbenchError as e:
+        return html.Div([html.H2("Atlas"), error_panel(str(e))], className="page")
+    if not views:
+        return html.Div(
+            [html.H2("Atlas"), error_panel(f"run {run!r} holds no score tables")], className="page"
+        )
+    values = [v["value"] for v in views]
+    preferred = [SCORE + name for name in PREFERRED if SCORE + name in values]
+    view = view if view in values else (preferred or values)[0]
+    return html.Div(
+        [
+            html.H2("Atlas"),
+            run_header(
+                run,
+                info,
+                ("compare with…", href("/", compare=run)),
+                ("intervention lab", href("/lab", run=run)),
+                ("circuit", href("/circuit", run=run)),
+            ),
+            dcc.Store(id="atlas-run", data=run),
+            dcc.Location(id="atlas-nav", refresh="callback-nav"),
+            html.Div(
+                [
+                    html.Div(
+                        [
+                            html.Label("colour by", htmlFor="atlas-view"),
+                            dcc.Dropdown(views, view, id="atlas-view", clearable=False),
+                        ],
+                        className="control",
+                    ),
+                    html.Div(
+                        [
+                            html.Label("show heads with score in", id="atlas-range-label"),
+                            dcc.RangeSlider(
+                                0,
+                                1,
+                                value=[0, 1],
+                                id="atlas-range",
+                                allowCross=False,
+                                tooltip={"placement": "bottom", "always_visible": False},
+                            ),
+                        ],
+                        className="control control-wide",
+                    ),
+                ],
+                className="row controls",
+            ),
+            note("Click a head to open it. Dots: heads the probe labelled. Lines: KV groups."),
+            dcc.Graph(id="atlas-grid", config={"displaylogo": False}),
+            html.Div(id="atlas-definition", className="definition"),
+            html.H3("Head fingerprints"),
+            dcc.Loading(html.Div(id="atlas-embedding")),
+        ],
+        className="page page-atlas",
+    )
+
+
+def _pick_run() -> html.Div:
+    entries = [e for e in catalog.current().entries() if e.ok]
+    links = [html.Li(dcc.Link(e.key, href=href("/atlas", run=e.key))) for e in entries] or [
+        html.Li("no readable run files")
+    ]
+    return html.Div([html.H2("Atlas"), note("Choose a run:"), html.Ul(links)], className="page")
+
+
+@callback(
+    Output("atlas-range", "min"),
+    Output("atlas-range", "max"),
+    Output("atlas-range", "step"),
+    Output("atlas-range", "value"),
+    Output("atlas-range", "marks"),
+    Output("atlas-range", "disabled"),
+    Input("atlas-view", "value"),
+    State("atlas-run", "data"),
+)
+def _range_for_view(view: str, run: str):
+    if not view.startswith(SCORE):
+        return 0, 1, 1, [0, 1], {0: "no", 1: "yes"}, True
+    try:
+        with catalog.current().open(run) as r:
+            table = r.score(view.removeprefix(SCORE))
+    except WorkbenchError:
+        return no_update, no_update, no_update, no_update, no_update, True
+    scale = figs.score_scale(table.name, table.values)
+    lo, hi = scale.zmin, scale.zmax
+    marks = {lo: f"{lo:.3g}", hi: f"{hi:.3g}"}
+    if table.threshold is not None and lo < table.threshold < hi:
+        marks[table.threshold] = f"threshold {table.threshold:.3g}"
+    return lo, hi, (hi - lo) / 200, [lo, hi], marks, False
+
+
+@callback(
+    Output("atlas-grid", "figure"),
+    Output("atlas-definition", "children"),
+    Input("atlas-view", "value"),
+    Input("atlas-range", "value"),
+    State("atlas-run", "data"),
+)
+def _grid(view: str, value_range: list[float], run: str):
+    try:
+        with catalog.current().open(run) as r:
+            info = r.model
+            if view.startswith(LABEL):
+                name = view.removeprefix(LABEL)
+                mask = r.label(name)
+                rule = _label_rule(r, name)
+                return figs.label_heatmap(info, mask, name), html.P(
+                    [html.Strong(f"label {name}: "), rule]
+                )
+            table = r.score(view.removeprefix(SCORE))
+    except WorkbenchError as e:
+        return figs.go.Figure(), error_panel(str(e))
+    fig = figs.atlas_heatmap(
+        info,
+        table.values,
+        table.name,
+        value_range=tuple(value_range) if value_range else None,
+        selected=table.selected if table.label else None,
+        title=f"{table.name} per head",
+    )
+    return fig, _definition(table)
+
+
+def _label_rule(run, name: str) -> str:
+    for score in run.score_names:
+        table = run.score(score)
+        if table.label == name and table.threshold is not None:
+            return f"{score} > {table.threshold:g} ({table.definition})"
+    return "as stored in the run file"
+
+
+def _definition(table) -> html.Div:
+    counts = ""
+    if table.label:
+        n = int(table.selected.sum())
+        counts = f"; {n} of {table.values.size} heads labelled {table.label}"
+    threshold = f"threshold {table.threshold:g}" if table.threshold is not None else "no threshold"
+    params = ", ".join(f"{k}={v}" for k, v in table.parameters.items())
+    return html.Div(
+        [
+            html.P([html.Strong(table.name + ": "), table.definition]),
+            html.P(
+                f"{threshold}{counts}" + (f"; parameters: {params}" if params else ""),
+                className="muted",
+            ),
+        ]
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _atlas(path: str, mtime_ns: int) -> Any:
+    import workbench
+    from probes.atlas import build_atlas
+
+    with workbench.open_run(path) as run:
+        return build_atlas(run)
+
+
+@callback(
+    Output("atlas-embedding", "children"),
+    Input("atlas-view", "value"),
+    State("atlas-run", "data"),
+)
+def _embedding(view: str, run: str):
+    try:
+        import probes.atlas  # noqa: F401 - the clustering lives there (issue 5)
+    except ImportError:
+        return needs_panel(
+            "probes/atlas.py", "The head-fingerprint map is drawn by probes.atlas.build_atlas."
+        )
+    cat = catalog.current()
+    try:
+        path = cat.resolve(run)
+        atlas = _atlas(str(path), Path(path).stat().st_mtime_ns)
+        with cat.open(run) as r:
+            info = r.model
+            name = view.removeprefix(SCORE).removeprefix(LABEL)
+            if view.startswith(SCORE):
+                colour = r.score(name).values.ravel()
+                scale = figs.score_scale(name, r.score(name).values)
+            else:
+                colour = r.label(name).ravel().astype(float)
+                scale = figs.ColourScale(
+                    [[0, figs.LABEL_COLOURS[0]], [1, figs.LABEL_COLOURS[1]]], 0, 1
+                )
+    except WorkbenchError as e:
+        return error_panel(str(e), title="No fingerprint map")
+    frame = atlas.frame
+    index = frame["layer"].to_numpy() * info.n_heads + frame["head"].to_numpy()
+    fig = figs.embedding_scatter(
+        frame[["x", "y"]].to_numpy(),
+        frame["layer"].to_numpy(),
+        frame["head"].to_numpy(),
+        frame["head"].to_numpy() // info.group_size,
+        frame["cluster"].to_numpy(),
+        colour[index],
+        name,
+        scale=scale,
+        title=(
+            f"{atlas.method.upper()} of {len(atlas.features)} standardised scores; "
+            f"k-means k={atlas.n_clusters} (marker shape), silhouette {atlas.silhouette:.2f}"
+        ),
+    )
+    summary = atlas.cluster_summary().reset_index()
+    table = html.Table(
+        [
+            html.Thead(html.Tr([html.Th(c) for c in summary.columns])),
+            html.Tbody(
+                [
+                    html.Tr([html.Td(_cell(v)) for v in row])
+                    for row in summary.itertuples(index=False)
+                ]
+            ),
+        ],
+        className="compact",
+    )
+    return html.Div(
+        [
+            dcc.Graph(id="atlas-scatter", figure=fig, config={"displaylogo": False}),
+            html.Div(table, className="scroll-x"),
+        ]
+    )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        return f"{value:.3f}"
+    return str(value)
+
+
+@callback(
+    Output("atlas-nav", "href"),
+    Input("atlas-grid", "clickData"),
+    State("atlas-run", "data"),
+    prevent_initial_call=True,
+)
+def _open_from_grid(click: dict | None, run: str):
+    if not click or not click.get("points"):
+        return no_update
+    point = click["points"][0]
+    return href("/head", run=run, layer=int(point["y"]), head=int(point["x"]))
+
+
+@callback(
+    Output("atlas-nav", "href", allow_duplicate=True),
+    Input("atlas-scatter", "clickData"),
+    State("atlas-run", "data"),
+    prevent_initial_call=True,
+)
+def _open_from_scatter(click: dict | None, run: str):
+    if not click or not click.get("points"):
+        return no_update
+    layer, head = click["points"][0]["customdata"]
+    return href("/head", run=run, layer=int(layer), head=int(head))

@@ -1,0 +1,118 @@
+"""The Dash application: :func:`create_app` builds it, :func:`serve` runs it on 127.0.0.1.
+
+Pages are Dash Pages, one module each under :mod:`app.pages`, registered here in menu order. The
+server holds two pieces of process-wide state: the :class:`app.catalog.RunCatalog` (which run
+files may be read) and the :class:`app.compute.ModelPool` (models loaded once per process).
+Background callbacks run in threads of this process (:class:`app.jobs.ThreadJobManager`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import dash
+from dash import Input, Output, dcc, html
+
+from app import catalog, compute
+from app.components import href
+from app.jobs import ThreadJobManager
+
+# (module, path, menu title), in menu order
+PAGES = (
+    ("app.pages.runs", "/", "Runs"),
+    ("app.pages.atlas", "/atlas", "Atlas"),
+    ("app.pages.head", "/head", "Head"),
+    ("app.pages.lab", "/lab", "Intervention lab"),
+    ("app.pages.circuit", "/circuit", "Circuit"),
+    ("app.pages.compare", "/compare", "Compare"),
+)
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def create_app(
+    runs_dir: str | Path = "runs",
+    named: Sequence[str | Path] = (),
+    *,
+    device: str | None = None,
+    jobs_dir: str | Path | None = None,
+) -> dash.Dash:
+    """Build the explorer over the run files in ``runs_dir`` plus the ``named`` files.
+
+    Call once per process: Dash Pages and ``dash.callback`` keep their registries globally.
+    """
+    catalog.configure(catalog.RunCatalog(Path(runs_dir), [Path(p) for p in named]))
+    compute.configure(device)
+    jobs_dir = jobs_dir or tempfile.mkdtemp(prefix="workbench-app-jobs-")
+    app = dash.Dash(
+        __name__,
+        use_pages=True,
+        pages_folder="",
+        assets_folder=str(ASSETS),
+        background_callback_manager=ThreadJobManager(jobs_dir),
+        suppress_callback_exceptions=True,
+        title="Attention-head workbench",
+    )
+    for order, (module_name, path, title) in enumerate(PAGES):
+        module = importlib.import_module(module_name)
+        dash.register_page(module_name, path=path, name=title, order=order, layout=module.layout)
+    # scikit-learn takes many seconds to import on a busy CPU: do it before the first atlas
+    threading.Thread(target=_preload, args=("probes.atlas",), daemon=True).start()
+    app.layout = html.Div(
+        [
+            html.Nav(
+                [
+                    html.Span("attention-head workbench", className="brand"),
+                    *[
+                        dcc.Link(title, href=path, id=f"nav-{path.strip('/') or 'runs'}")
+                        for _, path, title in PAGES
+                    ],
+                ],
+                className="nav",
+            ),
+            html.Main(dash.page_container, className="content"),
+        ]
+    )
+    return app
+
+
+def _preload(module: str) -> None:
+    with contextlib.suppress(ImportError):  # the page that needs it says what is missing
+        importlib.import_module(module)
+
+
+# Menu links keep the run that is open (``?run=``), so moving between views stays on it.
+@dash.callback(
+    [Output(f"nav-{path.strip('/') or 'runs'}", "href") for _, path, _ in PAGES],
+    Input("_pages_location", "search"),
+)
+def _carry_run(search: str | None) -> list[str]:
+    run = parse_qs((search or "").lstrip("?")).get("run", [None])[0]
+    return [path if path == "/" else href(path, run=run) for _, path, _ in PAGES]
+
+
+def serve(
+    runs_dir: str | Path = "runs",
+    named: Sequence[str | Path] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8050,
+    device: str | None = None,
+    debug: bool = False,
+) -> None:
+    """Run the explorer until interrupted (Flask's threaded server)."""
+    app = create_app(runs_dir, named, device=device)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"workbench app: listening on {host}: anyone who can reach this address can read "
+            "the runs directory's scores and run models",
+            file=sys.stderr,
+        )
+    print(f"workbench app: http://{host}:{port}/ (runs from {catalog.current().runs_dir})")
+    app.run(host=host, port=port, debug=debug, use_reloader=False)

@@ -1,0 +1,40 @@
+"""Run files for the explorer's tests: two scans of the tiny random GQA Llama (2 layers, 4 query
+heads, 2 KV heads) on different prompts, a corrupt file and a foreign HDF5 file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+
+PROMPTS_A = [
+    "the cat sat on the mat",
+    "when mary and john went to the store john gave a drink to mary",
+    "the dog ran to the park and the bird sat on the tree",
+]
+PROMPTS_B = ["it was a big red house", "the sun was small and the night was blue"]
+
+
+def _prompts(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
+    import workbench
+
+    root = tmp_path_factory.mktemp("app")
+    runs = root / "runs"
+    for name, texts in (("a", PROMPTS_A), ("b", PROMPTS_B)):
+        prompts = _prompts(root / f"{name}.jsonl", texts)
+        workbench.scan(
+            tiny_model, str(prompts), probes="sink,entropy", out=runs / f"{name}.h5", progress=False
+        )
+    (runs / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    with h5py.File(runs / "foreign.h5", "w") as f:
+        f["data"] = [1, 2, 3]
+    (root / "secret.h5").write_bytes(b"outside the runs directory")
+    return runs
