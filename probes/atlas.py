@@ -24,12 +24,10 @@ what the Dash explorer shows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.impute import SimpleImputer
@@ -39,6 +37,9 @@ from sklearn.preprocessing import StandardScaler
 
 from workbench.errors import WorkbenchError
 from workbench.scores import ScoreTable
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 MAX_AUTO_CLUSTERS = 8
 METHODS = ("pca", "tsne")
@@ -61,6 +62,8 @@ class Atlas:
     def figure(self, title: str = "") -> go.Figure:
         """Scatter of the 2-D embedding, coloured by cluster; hover shows layer, head, labels
         and the fingerprint."""
+        import plotly.express as px  # lazy: scans run where plotly is not installed
+
         frame = self.frame.assign(cluster=self.frame["cluster"].astype(str))
         fig = px.scatter(
             frame,

@@ -94,6 +94,12 @@ def basic_measurement(ctx: ScanContext) -> Measurement:
     )
 
 
+def decode(tokenizer: Any, token_ids: np.ndarray) -> str:
+    """The text of ``token_ids`` for the run file's ``texts`` (NUL characters, which random
+    tokens can decode to and HDF5 strings cannot hold, become U+FFFD)."""
+    return tokenizer.decode(token_ids).replace("\x00", "\ufffd")
+
+
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     """A float32 numpy copy of a (possibly GPU) tensor."""
     return t.detach().float().cpu().numpy()

@@ -32,16 +32,19 @@ Options: ``dormant_domains`` (comma list, default ``prose,code,synthetic``), ``d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 
 from probes.base import Measurement, ScanContext
-from probes.basic import as_numpy, choose_path, run_streamed, run_with_patterns
+from probes.basic import as_numpy, choose_path, decode, run_streamed, run_with_patterns
 from workbench.scores import ScoreTable
 from workbench.tasks.domains import DOMAINS, domain_inputs
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 DORMANT_THRESHOLD = 0.5
 PREFIX = "dormant_"  # measurement keys are dormant_<domain>
@@ -131,7 +134,7 @@ class DormantProbe:
             measurements.append(
                 Measurement(
                     key=PREFIX + domain,
-                    texts=[ctx.model.tokenizer.decode(ids) for ids in token_ids],
+                    texts=[decode(ctx.model.tokenizer, ids) for ids in token_ids],
                     token_ids=token_ids,
                     definitions=definitions,
                     measure=lambda i, ids=token_ids, c=columns: domain_statistics(
@@ -215,6 +218,8 @@ def domain_table(tables: dict[str, ScoreTable]) -> pd.DataFrame:
 def domain_figure(tables: dict[str, ScoreTable], model_name: str = "") -> go.Figure:
     """Sink mass per head on each domain (x = head as 'L.H', one trace per domain), the dormant
     threshold drawn across."""
+    import plotly.graph_objects as go  # lazy: scans run where plotly is not installed
+
     frame = domain_table(tables)
     names = [f"{layer}.{head}" for layer, head in zip(frame["layer"], frame["head"], strict=True)]
     fig = go.Figure()

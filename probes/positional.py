@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from probes.base import Measurement, ScanContext
-from probes.basic import choose_path, run_streamed, run_with_patterns
+from probes.basic import choose_path, decode, run_streamed, run_with_patterns
 from workbench.errors import ProbeOptionError
 from workbench.models import Model
 from workbench.scores import ScoreTable
@@ -260,7 +260,7 @@ class PositionalProbe:
         return [
             Measurement(
                 key=POSITIONAL,
-                texts=[ctx.model.tokenizer.decode(ids) for ids in token_ids],
+                texts=[decode(ctx.model.tokenizer, ids) for ids in token_ids],
                 token_ids=token_ids,
                 definitions=definitions,
                 measure=lambda i: positional_statistics(

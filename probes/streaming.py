@@ -35,7 +35,7 @@ import torch
 
 from kernels import stats_from_pattern
 from probes.base import Measurement, ScanContext
-from probes.basic import as_numpy, choose_path, run_streamed, run_with_patterns
+from probes.basic import as_numpy, choose_path, decode, run_streamed, run_with_patterns
 from workbench.errors import ProbeOptionError
 from workbench.headmap import Policy
 from workbench.models import Model
@@ -96,7 +96,7 @@ class StreamingProbe:
         return [
             Measurement(
                 key=STREAMING,
-                texts=[ctx.model.tokenizer.decode(ids) for ids in token_ids],
+                texts=[decode(ctx.model.tokenizer, ids) for ids in token_ids],
                 token_ids=token_ids,
                 definitions={
                     "outside_mass": f"mean over queries i at positions >= S + W of the mass on "
