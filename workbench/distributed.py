@@ -270,20 +270,29 @@ def follow_device_map(model: torch.nn.Module) -> None:
 
     ``model.hf_device_map`` (set by ``from_pretrained(device_map=...)``) names the module of each
     placement, e.g. ``{"model.layers.0": 0, ..., "model.layers.20": 1, "lm_head": 1}``. Kernels
-    that launch on the current device (Triton's) then run where their tensors are. The caller's
-    current device is restored after each forward pass. Nothing is hooked when fewer than two
-    GPUs are used.
+    that launch on the current device (Triton's) then run where their tensors are. After each
+    forward pass every GPU of the map is synchronised (the streamed recorder copies statistics
+    to the CPU without blocking, and synchronises only the current device before reading them)
+    and the caller's current device is restored. Nothing is hooked when fewer than two GPUs are
+    used.
     """
     placement = {
         name: index
         for name, device in (getattr(model, "hf_device_map", None) or {}).items()
         if (index := _cuda_index(device)) is not None
     }
-    if len(set(placement.values())) < 2:
+    devices = sorted(set(placement.values()))
+    if len(devices) < 2:
         return
     callers: list[int] = []
+
+    def finish(*_: object) -> None:
+        for index in devices:
+            torch.cuda.synchronize(index)
+        torch.cuda.set_device(callers.pop())
+
     model.register_forward_pre_hook(lambda *_: callers.append(torch.cuda.current_device()))
-    model.register_forward_hook(lambda *_: torch.cuda.set_device(callers.pop()))
+    model.register_forward_hook(finish)
     for name, index in placement.items():
         module = model.get_submodule(name) if name else model
         module.register_forward_pre_hook(partial(_make_current, index))

@@ -238,12 +238,14 @@ def test_follow_device_map_makes_each_layers_gpu_current(tiny_llama_dir, monkeyp
     """The hooks' logic without GPUs: the CUDA calls are recorded instead of made."""
     model = load(str(tiny_llama_dir), device="cpu").hf
     model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1}
-    calls = []
+    calls, synced = [], []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 7)
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", synced.append)
     distributed.follow_device_map(model)
     model(torch.tensor([[1, 5, 6]]))
     assert calls == [0, 0, 1, 7]  # embedding, layer 0, layer 1, then the caller's device again
+    assert synced == [0, 1]
     assert distributed._cuda_index("cuda:1") == 1 and distributed._cuda_index("disk") is None
 
 
