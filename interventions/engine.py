@@ -35,7 +35,7 @@ from workbench.capture import PATTERN_PATH_MAX_TOKENS
 from workbench.errors import InterventionError, ShapeError
 from workbench.models import Model
 
-__all__ = ["PATHS", "Intervener", "RunOutput"]
+__all__ = ["PATHS", "Intervener", "RunOutput", "intervene"]
 
 PATHS = ("auto", "pattern", "streamed")
 SHUFFLED = "shuffled"
@@ -394,3 +394,25 @@ def _check_pattern_overlap(group: Sequence[Intervention]) -> None:
                     f"({seen[head]} and {spec.kind}); give each head at most one"
                 )
             seen[head] = spec.kind
+
+
+def intervene(
+    model: Model,
+    tokens: Tensor | str,
+    interventions: Sequence[Intervention] | Intervention,
+    *,
+    sources: Mapping[str, Tensor] | None = None,
+    means: Mapping[int, Tensor] | None = None,
+    keep: int | None = None,
+    path: str = "auto",
+) -> Tensor:
+    """Logits of ``tokens`` (text, ``[seq]`` or ``[batch, seq]``) with ``interventions`` applied:
+    ``[batch, seq | keep, vocab]``. ``sources``/``means`` as for :meth:`Intervener.run`."""
+    if isinstance(tokens, str):
+        tokens = model.tokenize(tokens)
+    if isinstance(tokens, Tensor) and tokens.ndim == 1:
+        tokens = tokens[None]
+    specs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    out = Intervener(model).run(tokens, [specs], sources=sources, means=means, keep=keep,
+                                path=path)  # fmt: skip
+    return out.logits[0]

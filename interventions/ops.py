@@ -235,20 +235,21 @@ def _subset_attention(
     rows, heads, q_len, _ = q.shape
     k_len, d_v = k.shape[2], v.shape[-1]
     n_keys = int(keys.sum(-1).max()) if keys.numel() else 0
-    mass = torch.zeros(rows, heads, q_len, device=q.device, dtype=torch.float32)
-    out = torch.zeros(rows, heads, q_len, d_v, device=q.device, dtype=torch.float32)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 accumulation
+    mass = torch.zeros(rows, heads, q_len, device=q.device, dtype=acc)
+    out = torch.zeros(rows, heads, q_len, d_v, device=q.device, dtype=acc)
     if n_keys == 0:
         return mass, out.to(v.dtype)
     # indices of the selected keys first (stable), padded with unselected ones marked invalid
     index = torch.argsort((~keys).to(torch.int8), dim=-1, stable=True)[..., :n_keys]
     valid = keys.gather(-1, index)  # [rows, head, n_keys]
-    k_sel = k.gather(2, index[..., None].expand(-1, -1, -1, k.shape[-1])).float()
-    v_sel = v.gather(2, index[..., None].expand(-1, -1, -1, d_v)).float()
+    k_sel = k.gather(2, index[..., None].expand(-1, -1, -1, k.shape[-1])).to(acc)
+    v_sel = v.gather(2, index[..., None].expand(-1, -1, -1, d_v)).to(acc)
     q_abs = torch.arange(k_len - q_len, k_len, device=q.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, rows * heads * n_keys))
     for start in range(0, q_len, step):
         stop = min(q_len, start + step)
-        scores = torch.einsum("rhqd,rhnd->rhqn", q[:, :, start:stop].float(), k_sel) * scale
+        scores = torch.einsum("rhqd,rhnd->rhqn", q[:, :, start:stop].to(acc), k_sel) * scale
         allowed = valid[:, :, None, :]
         if causal:
             allowed = allowed & (index[:, :, None, :] <= q_abs[start:stop, None])

@@ -134,7 +134,7 @@ class Intervention:
             if f.name in ("heads",):
                 continue
             value = getattr(self, f.name)
-            if f.name == "positions" and value is None:
+            if value is None:  # the default of every optional field
                 continue
             out[f.name] = _jsonable(value)
         return out

@@ -7,6 +7,7 @@ The notebook surface::
     result = wb.scan(model, "demo", out="runs/demo.h5")
     result.scores                            # pandas DataFrame, one row per head
     run = wb.open_run("runs/demo.h5")        # lazy reader of a run file
+    wb.evaluate(model, "ioi", {"kind": "zero", "heads": [[9, 0]]})  # interventions package
 """
 
 from workbench.cache import open_cache, write_cache
@@ -28,3 +29,14 @@ __all__ = [
     "scan",
     "write_cache",
 ]
+
+_INTERVENTIONS = ("evaluate", "intervene")  # imported on first use: the spine does not need them
+
+
+def __getattr__(name: str):
+    """``wb.evaluate`` and ``wb.intervene`` from :mod:`interventions`, loaded lazily."""
+    if name in _INTERVENTIONS:
+        import interventions
+
+        return getattr(interventions, name)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
