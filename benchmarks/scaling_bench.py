@@ -132,7 +132,8 @@ def worker(args: argparse.Namespace) -> None:
 def _torchrun(n: int, *args: str) -> float:
     """Wall seconds of ``torchrun --standalone --nproc-per-node n ARGS`` (raises on failure)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "4"}
+    path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "4"}
     start = time.perf_counter()
     done = subprocess.run([*command, str(n), *args], env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -224,6 +225,32 @@ def sharded(args: argparse.Namespace, work: Path) -> dict:
         "ms_per_prompt_one_gpu": round(whole_ms, 1),
         "ms_per_prompt_sharded": round(spread_ms, 1),
         "max_abs_diff_vs_one_gpu": diff,
+        "pattern_path": _pattern_on_sharded(spread, prompts[0]),
+    }
+
+
+def _pattern_on_sharded(model, text: str, tokens: int = 512) -> dict:
+    """The pattern path (TransformerLens bridge) on the sharded model against its streamed path
+    on one ``tokens``-token prompt; recorded as not run where TransformerLens is missing."""
+    from workbench.capture import head_statistics
+
+    try:
+        import transformer_lens  # noqa: F401
+    except Exception as e:  # missing, or its own dependencies broken
+        return {"status": f"not run: {type(e).__name__}: {e}"[:500]}
+    ids = model.tokenize(text, max_tokens=tokens)
+    try:
+        pattern = head_statistics(model, ids, path="pattern")
+        streamed = head_statistics(model, ids, path=PATH)
+    except Exception as e:  # reported, not hidden: the benchmark's other numbers still stand
+        return {"status": f"failed: {type(e).__name__}: {e}"[:500]}
+    return {
+        "status": "ran",
+        "tokens": len(ids),
+        "bridge_n_devices": getattr(model.bridge().cfg, "n_devices", None),
+        "max_abs_diff_vs_streamed": max(
+            float(np.abs(pattern[name] - streamed[name]).max()) for name in pattern
+        ),
     }
 
 
@@ -296,6 +323,16 @@ def table(result: dict) -> str:
             f"{s['ms_per_prompt_one_gpu']:.1f} ms on one GPU; largest statistic difference "
             f"{s['max_abs_diff_vs_one_gpu']:.1e} over {s['prompts']} prompts.",
         ]
+        p = s.get("pattern_path", {"status": "not run"})
+        lines.append("")
+        if p["status"] == "ran":
+            lines.append(
+                f"Pattern path (TransformerLens bridge, n_devices {p['bridge_n_devices']}) on the "
+                f"sharded model, {p['tokens']} tokens: largest difference from the streamed "
+                f"path {p['max_abs_diff_vs_streamed']:.1e} (bf16)."
+            )
+        else:
+            lines.append(f"Pattern path on the sharded model: {p['status']}.")
     return "\n".join(lines)
 
 
