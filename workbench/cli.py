@@ -190,6 +190,12 @@ def _cmd_intervene(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _cmd_ioi(args: argparse.Namespace) -> None:
+    from interventions.ioi import run_command
+
+    run_command(args)
+
+
 def _probe_option(text: str) -> tuple[str, Any]:
     """``key=value`` with value parsed as JSON, else a comma list of JSON items, else a string."""
     key, sep, value = text.partition("=")
@@ -344,6 +350,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command(
+        "ioi", _cmd_ioi, "find an IOI-style circuit: head classes, edges, faithfulness"
+    )
+    p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")
+    p.add_argument(
+        "--task", help="ioi, ioi-toy or colored-objects (default: ioi in the model's vocabulary)"
+    )
+    p.add_argument("--n", type=int, default=16, help="prompts (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (ABC twins: seed+1)")
+    p.add_argument("--templates", metavar="I,J", help="template indices to draw from (default all)")
+    p.add_argument("--exact-heads", type=int, default=64,
+                   help="heads that get exact activation patching (default 64)")  # fmt: skip
+    p.add_argument("--max-senders", type=int, default=30,
+                   help="senders per path-patching step (default 30)")  # fmt: skip
+    p.add_argument(
+        "--rule", action="append", default=[], type=_probe_option, metavar="KEY=VALUE",
+        help="override a class threshold (attend_io=0.3)",
+    )  # fmt: skip
+    p.add_argument("--no-checks", action="store_true", help="skip completeness and minimality")
+    p.add_argument("--out", help="circuit JSON (default runs/MODEL-TASK-circuit.json)")
+    p.add_argument("--run", metavar="RUN.h5", help="also store the circuit in this run file")
+    p.add_argument("--plot", metavar="HTML", help="write the circuit graph as HTML")
+    p.add_argument("--compare", metavar="CIRCUIT.json", help="report head overlap with a circuit")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
 
     return parser
 

@@ -12,6 +12,7 @@
     /scores/<name>                  [n_layers, n_heads] float32,
                                     attrs: definition, threshold, label, parameters (JSON)
     /labels/<label>                 [n_layers, n_heads] bool, attrs: rule
+    /circuits/<name>                UTF-8 JSON of a circuit (interventions.circuit.Circuit)
 
 A *measurement* is one set of inputs (the scan's prompts, needle trials, a text domain...) and
 the per-item statistics a probe computed on them. Writes are atomic: :class:`RunWriter` writes
@@ -152,6 +153,15 @@ class Run:
     def label(self, name: str) -> np.ndarray:
         """``[n_layers, n_heads]`` bool."""
         return self._get("labels", name)[()].astype(bool)
+
+    @property
+    def circuit_names(self) -> list[str]:
+        return sorted(self._f["circuits"].keys()) if "circuits" in self._f else []
+
+    def circuit(self, name: str) -> str:
+        """The JSON text of a stored circuit (``interventions.circuit.Circuit.from_run`` parses
+        it)."""
+        return self._get("circuits", name)[()].decode()
 
     def scores_frame(self) -> pd.DataFrame:
         """One row per head: layer, head, kv_head, then one column per score."""
@@ -409,3 +419,34 @@ def _inputs_hash(texts: list[str], token_ids: list[np.ndarray]) -> str:
         digest.update(np.asarray(ids, dtype=np.int32).tobytes())
         digest.update(b"\x00")
     return digest.hexdigest()[:16]
+
+
+def write_circuit(path: str | Path, name: str, circuit_json: str, info: ModelInfo) -> Path:
+    """Store a circuit's JSON under ``/circuits/<name>`` of the run file at ``path``.
+
+    An existing run file must belong to the same model (config hash); it is copied, extended and
+    renamed over the original, so a failure leaves it untouched. Without a file, a run file that
+    holds only the circuit is created.
+    """
+    import shutil
+
+    path = Path(path)
+    if not path.exists():
+        writer = RunWriter(path, info, {"circuit": name})
+        writer._f.create_dataset(f"circuits/{name}", data=circuit_json, dtype=UTF8)
+        return writer.finish()
+    with Run(path) as run:
+        if run.model.config_hash != info.config_hash:
+            raise RunMismatchError(
+                f"{path} holds a run of {run.model.name} ({run.model.config_hash}); the circuit "
+                f"is of {info.name} ({info.config_hash})"
+            )
+    partial = partial_path(path)
+    shutil.copyfile(path, partial)
+    with h5py.File(partial, "r+") as f:
+        key = f"circuits/{name}"
+        if key in f:
+            del f[key]
+        f.create_dataset(key, data=circuit_json, dtype=UTF8)
+    os.replace(partial, path)
+    return path
