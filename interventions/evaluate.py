@@ -125,7 +125,14 @@ def _run_groups(
         for g in range(len(groups)):
             for name, v in task.score(out.logits[g], batch).items():
                 values[g].setdefault(name, []).append(v.detach().float().cpu().numpy())
-    return [{name: np.concatenate(parts) for name, parts in group.items()} for group in values]
+    order = None
+    if all(b.index is not None for b in batches):  # back to the task's example order
+        order = np.argsort(np.concatenate([b.index for b in batches]), kind="stable")
+    return [
+        {name: np.concatenate(parts)[order] if order is not None else np.concatenate(parts)
+         for name, parts in group.items()}
+        for group in values
+    ]  # fmt: skip
 
 
 @dataclass

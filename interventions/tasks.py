@@ -45,13 +45,16 @@ class TaskBatch:
 
     ``tokens [batch, seq]``; ``variants`` maps a name (``"corrupted"``) to aligned token ids of
     the same shape, read by resample and patch interventions; ``keep``: the score reads the
-    logits of the last ``keep`` positions (None = every position); ``data``: per-example targets.
+    logits of the last ``keep`` positions (None = every position); ``data``: per-example targets;
+    ``index``: each row's place in the task's example order (results are reported in that
+    order; None = the order of the batches).
     """
 
     tokens: Tensor  # [batch, seq]
     variants: dict[str, Tensor] = field(default_factory=dict)
     keep: int | None = 1
     data: dict[str, Any] = field(default_factory=dict)
+    index: list[int] | None = None
 
 
 @runtime_checkable
@@ -124,6 +127,7 @@ class IOI:
                     variants={"corrupted": abc.tokens[idx, :width]},
                     keep=1,
                     data={"target": clean.answer_ids[idx], "foil": clean.wrong_ids[idx]},
+                    index=idx,
                 )
             )
         return out
@@ -186,6 +190,7 @@ class NextToken:
                     else {},
                     keep=1,
                     data={"target": targets[idx], "foil": None if foils is None else foils[idx]},
+                    index=idx,
                 )
             )
         return out
@@ -197,25 +202,29 @@ class NextToken:
 @dataclass
 class Needle:
     """Needle retrieval at ``length`` tokens over ``depths`` × ``needles`` (indices into
-    :data:`workbench.tasks.needle.NEEDLES`, default all), haystacks seeded from ``seed``."""
+    :data:`workbench.tasks.needle.NEEDLES`, default all), haystacks seeded from ``seed``.
+    ``toy=True``: the ``toy-recall`` model's key-value trials (``toy_recall_grid``,
+    ``per_cell`` per depth) instead of prose."""
 
     length: int = 1024
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     needles: tuple[int, ...] | None = None
     seed: int = 0
+    toy: bool = False
+    per_cell: int = 8
     name: str = "needle"
     metrics: tuple[str, ...] = ("answer_accuracy", "exact", "answer_logprob")
 
     def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
-        from workbench.tasks.needle import needle_grid
+        from workbench.tasks.needle import NEEDLES, needle_grid, toy_recall_grid
 
-        needles = None if self.needles is None else list(self.needles)
-        if needles is not None:
-            from workbench.tasks.needle import NEEDLES
-
-            needles = [NEEDLES[i] for i in needles]
-        trials = needle_grid(model.tokenizer, [self.length], list(self.depths), needles,
-                             seed=self.seed)  # fmt: skip
+        if self.toy:
+            trials = toy_recall_grid([self.length], list(self.depths), self.per_cell, self.seed)
+        else:
+            needles = None if self.needles is None else [NEEDLES[i] for i in self.needles]
+            trials = needle_grid(
+                model.tokenizer, [self.length], list(self.depths), needles, seed=self.seed
+            )
         # teacher forcing: the prompt, then the answer but its last token
         rows = [np.concatenate([t.token_ids, t.answer_ids[:-1]]) for t in trials]
         out = []
@@ -226,6 +235,7 @@ class Needle:
                     tokens=torch.tensor(np.stack([rows[i] for i in idx])),
                     keep=answer.shape[1],
                     data={"answer": answer},
+                    index=idx,
                 )
             )
         return out
@@ -267,7 +277,7 @@ class Loss:
         starts = np.random.default_rng(self.seed).integers(0, len(ids) - span, size=self.n)
         rows = [torch.tensor(bos + ids[s : s + span].tolist()) for s in starts]
         return [
-            TaskBatch(tokens=torch.stack([rows[i] for i in idx]), keep=None)
+            TaskBatch(tokens=torch.stack([rows[i] for i in idx]), keep=None, index=idx)
             for idx in _buckets([len(r) for r in rows], batch_size)
         ]
 
