@@ -141,7 +141,12 @@ class Intervention:
 
     def describe(self) -> str:
         heads = ", ".join(f"{layer}.{head}" for layer, head in self.heads)
-        extra = {k: v for k, v in self.to_dict().items() if k not in ("kind", "heads")}
+        defaults = {f.name: f.default for f in fields(self)}
+        extra = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in ("kind", "heads") and _jsonable(defaults.get(k)) != v
+        }
         params = "".join(f" {k}={v}" for k, v in extra.items())
         return f"{self.kind}[{heads}]{params}"
 
