@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from workbench.errors import DistributedError
-from workbench.models import ModelInfo
+from workbench.models import Model, ModelInfo
 from workbench.scores import ScoreTable
 from workbench.store import RunWriter, partial_path
 
@@ -184,6 +184,25 @@ def scan_shards(
     if error is not None:
         raise DistributedError(f"rank 0 could not merge the parts ({error})")
     return tables, written
+
+
+def tokenize_split(
+    model: Model, texts: list[str], max_tokens: int | None, ranks: Ranks
+) -> dict[tuple[str, int | None], torch.Tensor]:
+    """The prompts' token ids for :meth:`workbench.models.Model.tokenized`, each rank tokenizing
+    its share and all ranks exchanging them (probes tokenize every prompt to build their
+    measurements; on each rank that would be work that does not shrink with more ranks).
+    Nothing is done for a single process."""
+    if ranks.world_size == 1:
+        return {}
+    own = {i: model.tokenize(texts[i], max_tokens).numpy() for i in ranks.items(len(texts))}
+    shares: list[dict[int, np.ndarray]] = [{} for _ in range(ranks.world_size)]
+    dist.all_gather_object(shares, own)
+    return {
+        (texts[i], max_tokens): torch.from_numpy(ids)
+        for share in shares
+        for i, ids in share.items()
+    }
 
 
 def _agree(ranks: Ranks, failure: Exception | None) -> None:

@@ -128,6 +128,7 @@ class Model:
         self.hf = hf
         self.tokenizer = tokenizer
         self._bridge: TransformerBridge | None = None
+        self._known_tokens: dict[tuple[str, int | None], torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -159,9 +160,22 @@ class Model:
     def tokenize(self, text: str, max_tokens: int | None = None) -> torch.Tensor:
         """Token ids ``[seq]`` as the model's own tokenizer makes them (special tokens included),
         truncated to ``max_tokens`` and to the model's context."""
+        known = self._known_tokens.get((text, max_tokens))
+        if known is not None:
+            return known
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         limit = min(max_tokens or self.info.max_context, self.info.max_context)
         return torch.tensor(ids[:limit], dtype=torch.long)
+
+    @contextlib.contextmanager
+    def tokenized(self, known: dict[tuple[str, int | None], torch.Tensor]) -> Iterator[None]:
+        """Within the block :meth:`tokenize` answers from ``known`` ``{(text, max_tokens): ids}``
+        (a data-parallel scan tokenizes its prompts once, split over the ranks)."""
+        self._known_tokens = known
+        try:
+            yield
+        finally:
+            self._known_tokens = {}
 
     def __repr__(self) -> str:
         i = self.info

@@ -144,16 +144,17 @@ def scan(
     chosen = get_probes(probes)
     ctx = ScanContext(model, prompts, max_tokens, path, dict(options or {}))
     measurements: dict[str, Measurement] = {}
-    for probe in chosen:
-        for m in probe.measurements(ctx):
-            measurements.setdefault(m.key, m)
+    ranks = distributed.current()
+    with model.tokenized(distributed.tokenize_split(model, prompts.texts, max_tokens, ranks)):
+        for probe in chosen:
+            for m in probe.measurements(ctx):
+                measurements.setdefault(m.key, m)
     parameters = {
         "max_tokens": max_tokens,
         "path": path,
         "prompts": prompts.hash,
         "options": ctx.options,
     }
-    ranks = distributed.current()
     if ranks.world_size > 1:  # launched by torchrun: this rank measures its share of the items
         tables, written = distributed.scan_shards(
             measurements,

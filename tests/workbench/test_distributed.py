@@ -185,7 +185,15 @@ def _gloo_worker(rank: int, init_file: str, model_dir: str, prompt_file: str, re
     torch.distributed.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=2)
     try:
         model = load(model_dir, device="cpu")
+        tokenizer, tokenized = model.tokenizer, []
+
+        def counting(text, **kwargs):
+            tokenized.append(text)
+            return tokenizer(text, **kwargs)
+
+        model.tokenizer = counting
         memory = scan(model, prompt_file, probes=PROBES, path=PATH, progress=False)
+        model.tokenizer = tokenizer
         if rank == 1:  # a rank that fails while measuring must not leave rank 0 waiting
             import probes.basic
 
@@ -199,7 +207,7 @@ def _gloo_worker(rank: int, init_file: str, model_dir: str, prompt_file: str, re
             failure = f"{type(e).__name__}: {e}"
         tables = {name: t.values.tolist() for name, t in memory.tables.items()}
         with open(f"{result}.{rank}", "w") as f:
-            json.dump({"tables": tables, "failure": failure}, f)
+            json.dump({"tables": tables, "failure": failure, "tokenized": len(tokenized)}, f)
     finally:
         distributed.shutdown()
 
@@ -215,6 +223,7 @@ def test_in_memory_scan_over_two_gloo_ranks(tiny_llama_dir, tiny_model, prompt_f
         assert outcome["tables"].keys() == single.tables.keys()
         for name, table in single.tables.items():
             np.testing.assert_allclose(outcome["tables"][name], table.values, atol=1e-6)
+    assert [o["tokenized"] for o in outcomes] == [3, 2]  # each rank tokenizes its share once
     assert outcomes[1]["failure"] == "ValueError: broken prompt"
     assert outcomes[0]["failure"].startswith(DistributedError.__name__)
     assert "rank 1 failed (ValueError: broken prompt)" in outcomes[0]["failure"]
