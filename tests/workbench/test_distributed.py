@@ -265,3 +265,16 @@ def test_rank_device_refuses_more_ranks_than_gpus(monkeypatch):
         distributed.rank_device(distributed.Ranks(rank=2, world_size=4, local_rank=2), None)
     assert distributed.rank_device(distributed.Ranks(), None) is None
     assert distributed.rank_device(distributed.Ranks(1, 2, 1), "cpu") == "cpu"
+
+
+def test_cli_device_map_option(capsys):
+    from workbench.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["scan", "m", "--device-map", "auto"]).device_map == "auto"
+    layout = parse(["scan", "m", "--device-map", '{"model.layers.0": 0, "lm_head": 1}'])
+    assert layout.device_map == {"model.layers.0": 0, "lm_head": 1}
+    for bad in (["--device-map", "everywhere"], ["--device-map", "auto", "--device", "cpu"]):
+        with pytest.raises(SystemExit):
+            parse(["scan", "m", *bad])
+    assert "not allowed with argument" in capsys.readouterr().err
