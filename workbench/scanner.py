@@ -4,7 +4,8 @@
 declare, batch by batch, stores the per-item statistics in the run file's partial copy, and at the
 end turns them into score tables and labels and publishes the run atomically. Rerunning an
 interrupted scan with the same model, prompts and parameters resumes after the last completed
-batch of each measurement.
+batch of each measurement. Under ``torchrun`` (a torch.distributed process group) each rank
+measures its share of every measurement and rank 0 merges them (:mod:`workbench.distributed`).
 """
 
 from __future__ import annotations
