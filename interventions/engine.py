@@ -307,7 +307,7 @@ class Intervener:
                 src = recorded[name][layer]["z"]
                 source = src[op.source_rows[:, None, None], index[1], index[2]]
             mean = means[layer][op.heads] if isinstance(op.spec, MeanAblation) else None
-            z[index] = ops.new_output(op.spec, z[index], source=source, mean=mean)
+            z[index] = ops.new_output(op.spec, z[index], source=source, mean=mean).to(z.dtype)
         return z
 
     def _run_pattern(self, tokens: Tensor, plan, recorded, means) -> Tensor:
@@ -326,7 +326,7 @@ class Intervener:
                     source = ref[op.source_rows][:, op.heads]
                 new = ops.new_pattern(op.spec, block, causal=causal, source=source)
                 index = (op.rows[:, None, None], op.heads[None, :, None], op.positions[None, None])
-                pattern[index] = new[:, :, op.positions]
+                pattern[index] = new[:, :, op.positions].to(pattern.dtype)
             return pattern
 
         def on_z(z: Tensor, hook) -> Tensor:  # [batch, q_pos, head, d_head]
@@ -368,7 +368,7 @@ class Intervener:
                     causal=causal, scale=scale, source_qk=source_qk,
                 )  # fmt: skip  # [R, H, seq, d]
                 index = (op.rows[:, None, None], op.heads[None, :, None], op.positions[None, None])
-                out[index] = new[:, :, op.positions]
+                out[index] = new[:, :, op.positions].to(out.dtype)
             z = self._apply_outputs(out.transpose(1, 2), layer, plan[layer], recorded, means)
             if delta:
                 tail = slice(-keep, None) if keep else slice(None)

@@ -193,11 +193,12 @@ def _redistributed_output(
     spec: Redistribute, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
 ) -> Tensor:
     k_len = k.shape[2]
-    st = attention_stats(q, k, v, causal=causal, scale=scale, return_output=True)
+    backend = "torch" if q.dtype == torch.float64 else "auto"  # the Triton kernels stop at fp32
+    st = attention_stats(q, k, v, causal=causal, scale=scale, return_output=True, backend=backend)
     out, lse = st.output.to(v.dtype), st.lse  # [rows, head, q_len, d], [rows, head, q_len]
     received = None
     if spec.threshold is not None:
-        received = received_attention(q, k, lse, causal=causal, scale=scale)
+        received = received_attention(q, k, lse, causal=causal, scale=scale, backend=backend)
     sinks = sink_mask(spec, received, k_len, causal=causal).to(q.device)
     sinks = sinks.expand(q.shape[0], q.shape[1], -1)  # [rows, head, k_pos]
     sink_mass, sink_out = _subset_attention(q, k, v, lse, sinks, causal=causal, scale=scale)
