@@ -71,17 +71,19 @@ def interpreting() -> bool:
     return triton is not None and type(_stats_fwd).__name__ == "InterpretedFunction"
 
 
-def block_sizes(d_head: int, on_gpu: bool) -> tuple[int, int, int, int]:
+def block_sizes(d_head: int, on_gpu: bool, with_output: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the stats kernel.
 
-    Chosen on an H100 (docs/benchmarks.md); the interpreter gets small blocks so that tests
-    at a few hundred tokens still cross several blocks.
+    Statistics only: the fastest of ``python -m kernels.bench --sweep 16384`` on an H100. With
+    the output, the [BLOCK_M, d] accumulator wants 8 warps: at d=128 the 4-warp configuration
+    ran 1.3-1.6x slower there, at d=64 within 6% (docs/benchmarks.md). The interpreter gets
+    small blocks so that tests at a few hundred tokens still cross several blocks.
     """
     if not on_gpu:
         return 32, 32, 4, 1
-    if d_head <= 64:
-        return 128, 128, 8, 3
-    return 128, 64, 8, 3
+    if with_output:
+        return (128, 128, 8, 3) if d_head <= 64 else (128, 64, 8, 3)
+    return (64, 64, 4, 3) if d_head <= 64 else (128, 64, 4, 3)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -111,13 +113,15 @@ if triton is not None:
         d_head: tl.constexpr,
         qpos,
         pad_row,
-        qk_scale,
         MASKED: tl.constexpr,
         CAUSAL: tl.constexpr,
         HAS_PAD: tl.constexpr,
         DOT_PREC: tl.constexpr,
     ):
-        """Scores in base-2 units of one key block, -inf where not visible: [BLOCK_M, BLOCK_N]."""
+        """Unscaled products q·k of one key block, -inf where not visible: [BLOCK_M, BLOCK_N].
+
+        Callers scale by ``qk_scale > 0`` (base-2 units) fused with the max subtraction, one FMA
+        per score, as in the Triton fused-attention tutorial."""
         offs_n = start_n + offs_n_base  # [BLOCK_N]
         k_ptrs = K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         if MASKED:
@@ -126,7 +130,7 @@ if triton is not None:
             )
         else:
             k = _load_rows(k_ptrs, offs_d, d_head)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
         if MASKED:
             vis = offs_n[None, :] < k_len
             if CAUSAL:
@@ -180,19 +184,20 @@ if triton is not None:
             d_head,
             qpos,
             pad_row,
-            qk_scale,
             MASKED,
             CAUSAL,
             HAS_PAD,
             DOT_PREC,
         )
-        m_blk, idx_blk = tl.max(s, axis=1, return_indices=True)  # ties: smallest index
+        # the max commutes with the positive scale; ties: smallest index
+        m_raw, idx_blk = tl.max(s, axis=1, return_indices=True)
+        m_blk = m_raw * qk_scale
         arg_i = tl.where(m_blk > m_i, start_n + idx_blk, arg_i)
         m_new = tl.maximum(m_i, m_blk)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.math.exp2(m_i - m_safe)
         shift = tl.where(l_i > 0, m_i - m_safe, 0.0)
-        d = s - m_safe[:, None]  # [BLOCK_M, BLOCK_N], <= 0
+        d = s * qk_scale - m_safe[:, None]  # [BLOCK_M, BLOCK_N], <= 0
         p = tl.math.exp2(d)
         # masked keys: 0 · finite, not 0 · -inf
         pd = p * tl.maximum(d, -3.0e38) if MASKED else p * d
@@ -250,7 +255,6 @@ if triton is not None:
                 d_head,
                 qpos,
                 pad_row,
-                qk_scale,
                 True,
                 CAUSAL,
                 HAS_PAD,
@@ -258,7 +262,8 @@ if triton is not None:
             )
             offs_n = start_n + offs_n_base
             keep = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
-            c += tl.sum(tl.where(keep, tl.math.exp2(s - m_safe[:, None]), 0.0), axis=1)
+            p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+            c += tl.sum(tl.where(keep, p, 0.0), axis=1)
         return c
 
     @triton.jit
@@ -604,7 +609,7 @@ def _triton_stats(
     pad_arg = pad.to(torch.int8).contiguous() if pad is not None else qpos  # qpos: unused dummy
     vv = v if v is not None else k  # unread dummy when no output is requested
     oo = out if out is not None else lse.new_empty(1, 1, 1, 1)
-    block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda)
+    block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda, return_output)
     grid = (triton.cdiv(q_len, block_m), batch * n_heads)
     _stats_fwd[grid](
         q,

@@ -201,7 +201,9 @@ def check_args(
 
     spans_t = None
     if spans is not None:
-        spans_t = torch.as_tensor(spans, device=q.device)
+        # a list is validated on the CPU and sent without a blocking copy (which would stall
+        # the GPU once per call)
+        spans_t = torch.as_tensor(spans)
         if spans_t.ndim == 2:
             spans_t = spans_t[None]
         if (
@@ -214,7 +216,7 @@ def check_args(
                 f"spans must be integer [n_spans, 2] or [batch={batch}, n_spans, 2] "
                 f"[start, end) ranges, got {_shape(torch.as_tensor(spans))}"
             )
-        spans_t = spans_t.long()
+        spans_t = spans_t.long().to(q.device, non_blocking=True)
     return _Args(float(scale), q_positions, key_padding_mask, spans_t, default_positions)
 
 

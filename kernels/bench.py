@@ -1,0 +1,483 @@
+"""Benchmark of the statistics kernels against SDPA and a naive materialised softmax.
+
+``python -m kernels.bench`` (CUDA GPU) times, in one process and on the same bf16 inputs
+(B=1, H=32 query heads, causal):
+
+- ``sdpa``: ``F.scaled_dot_product_attention`` forward on the flash backend (the reference);
+- ``cudnn``: the same on the cuDNN backend, where it runs;
+- ``naive``: materialise ``softmax(QKᵀ)`` in fp32 and reduce it, until it runs out of memory;
+- ``stats``: `kernels.attention_stats` (sink 4, recent window 256, one 64-key span);
+- ``stats+recv``: that plus `kernels.received_attention`;
+- ``stats+out``: `kernels.attention_stats` with ``return_output=True``.
+
+Each row gives the median time (``triton.testing.do_bench``), the ratio to ``sdpa``, TFLOP/s
+(``2·B·H·L²·d`` per QKᵀ or PV product, halved for causal: SDPA does two products, the stats pass
+one, stats+recv two, stats+out two), the peak memory allocated beyond q/k/v, and for L ≤ 4K the
+largest absolute error of any statistic against the fp32 torch reference on the same inputs.
+
+It writes ``benchmarks/results/<device>.json`` and the tables between the markers in
+``docs/benchmarks.md``. ``--check`` runs GPU correctness checks only; ``--sweep`` times block
+configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels import attention_stats, received_attention, reference
+
+# the package re-exports functions under the submodules' names; fetch the modules themselves
+stats_module = importlib.import_module("kernels.attention_stats")
+received_module = importlib.import_module("kernels.received")
+
+ROOT = Path(__file__).resolve().parent.parent
+LENGTHS = (1024, 4096, 8192, 16384, 32768, 131072)
+SHAPES = ((32, 128), (8, 128), (32, 64), (8, 64))  # (n_kv_heads, d_head) with 32 query heads
+N_HEADS = 32
+STATS_KW = dict(sink_size=4, recent_window=256)
+FIELDS = ("lse", "entropy", "max_prob", "sink_mass", "outside_mass", "span_mass")
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def device_slug() -> str:
+    name = torch.cuda.get_device_name().lower()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def _inputs(length: int, n_kv: int, d: int, dtype=torch.bfloat16, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, N_HEADS, length, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(1, n_kv, length, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(1, n_kv, length, d, device="cuda", dtype=dtype, generator=g)
+    return q, k, v
+
+
+def _spans(length: int) -> list[list[int]]:
+    start = length // 3
+    return [[start, start + 64]]
+
+
+def _time(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    once = start.elapsed_time(end)
+    # at least ~5 timed runs even for 100+ ms calls
+    return triton.testing.do_bench(fn, warmup=max(25, once), rep=max(100, 5 * once),
+                                   return_mode="median")  # fmt: skip
+
+
+def _peak_extra(fn: Callable[[], object]) -> float:
+    """GiB allocated at peak beyond what was allocated before ``fn`` (q, k, v)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**30
+
+
+def _sdpa(q, k, v, backend) -> tuple[Callable[[], torch.Tensor], str | None]:
+    """SDPA forward on one backend, and a note when it cannot read grouped K/V directly.
+
+    With grouped-query attention the call passes ``enable_gqa``; a backend that refuses it is
+    given K/V repeated to every query head beforehand (outside the timing), as Hugging Face's
+    ``repeat_kv`` would, which favours SDPA.
+    """
+    from torch.nn.attention import sdpa_kernel
+
+    def call(kk, vv, gqa):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+
+        return run
+
+    if q.shape[1] == k.shape[1]:
+        return call(k, v, False), None
+    run = call(k, v, True)
+    try:
+        run()
+        return run, None
+    except RuntimeError:
+        group = q.shape[1] // k.shape[1]
+        kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return call(kk, vv, False), "K/V repeated before the call (no enable_gqa kernel)"
+
+
+def _naive(q, k) -> Callable[[], tuple]:
+    """softmax(QKᵀ) materialised in fp32, then the statistics by plain reductions."""
+
+    def run():
+        length = q.shape[2]
+        kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        s = (q @ kk.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [1, H, L, L]
+        s.masked_fill_(torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1),
+                       -math.inf)  # fmt: skip
+        p = s.softmax(-1)
+        del s
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        max_prob, argmax = p.max(-1)
+        sink = p[..., :4].sum(-1)
+        return entropy, max_prob, argmax, sink
+
+    return run
+
+
+def _max_error(q, k, length: int) -> dict[str, float]:
+    spans = _spans(length)
+    got = attention_stats(q, k, spans=spans, **STATS_KW)
+    want = reference.attention_stats(q.float(), k.float(), spans=spans, **STATS_KW)
+    err = {name: (getattr(got, name) - getattr(want, name)).abs().max().item() for name in FIELDS}
+    err["argmax_agree"] = (got.argmax == want.argmax).float().mean().item()
+    recv = received_attention(q, k, got.lse)
+    recv_ref = reference.received_attention(q.float(), k.float(), want.lse)
+    err["received"] = (recv - recv_ref).abs().max().item()
+    return err
+
+
+def _methods(q, k, v, spans) -> dict[str, Callable[[], tuple[Callable[[], object], int, str]]]:
+    """name -> builder of (call, number of causal L×L products it does, note)."""
+    from torch.nn.attention import SDPBackend
+
+    def stats():
+        return attention_stats(q, k, spans=spans, **STATS_KW)
+
+    def with_output():
+        return attention_stats(q, k, v, spans=spans, return_output=True, **STATS_KW)
+
+    def sdpa(backend):
+        def build():
+            run, note = _sdpa(q, k, v, backend)
+            return run, 2, note
+
+        return build
+
+    return {
+        "sdpa": sdpa(SDPBackend.FLASH_ATTENTION),
+        "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "naive": lambda: (_naive(q, k), 1, None),
+        "stats": lambda: (stats, 1, None),
+        "stats+recv": lambda: (lambda: received_attention(q, k, stats().lse), 2, None),
+        "stats+out": lambda: (with_output, 2, None),
+    }
+
+
+def bench_length(n_kv: int, d: int, length: int, *, naive: bool, log) -> list[dict]:
+    q, k, v = _inputs(length, n_kv, d)
+    product = 2 * N_HEADS * length * length * d / 2  # FLOPs of one causal QKᵀ or PV product
+    rows, sdpa_ms = [], None
+    for method, build in _methods(q, k, v, _spans(length)).items():
+        if method == "naive" and not naive:
+            continue
+        row = dict(n_heads=N_HEADS, n_kv_heads=n_kv, d_head=d, length=length, method=method)
+        try:
+            fn, products, note = build()
+            if note:
+                row["note"] = note
+            row["peak_extra_gib"] = _peak_extra(fn)
+            row["ms"] = _time(fn)
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except Exception as e:  # e.g. no cuDNN kernel for this shape; recorded, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        fn = None  # drop the closure's tensors before the next method
+        torch.cuda.empty_cache()
+        if "ms" in row:
+            sdpa_ms = row["ms"] if method == "sdpa" else sdpa_ms
+            row["tflops"] = products * product / row["ms"] / 1e9
+            if sdpa_ms:
+                row["ratio_to_sdpa"] = row["ms"] / sdpa_ms
+        rows.append(row)
+        log(row)
+    if length <= 4096:
+        err = _max_error(q, k, length)
+        for row in rows:
+            if row["method"].startswith("stats"):
+                row["max_error"] = err
+    return rows
+
+
+def bench_shape(n_kv: int, d: int, lengths: tuple[int, ...], log) -> list[dict]:
+    rows: list[dict] = []
+    naive = True  # until it runs out of memory
+    for length in lengths:
+        rows += bench_length(n_kv, d, length, naive=naive, log=log)
+        naive = naive and not any(
+            r["method"] == "naive" and r.get("error") == "out of memory" for r in rows
+        )
+        torch.cuda.empty_cache()
+    return rows
+
+
+def check(device: str = "cuda") -> bool:
+    """GPU correctness: Triton kernels against the torch reference on CUDA tensors (on the CPU
+    both sides are the reference: a dry run of this function)."""
+    ok = True
+    # each case compiles its own kernel variants (~10 s apiece), so they are few
+    cases = [
+        dict(dtype=torch.float32, causal=True, n_kv=2, length=1000, d=128, tol=1e-4),
+        dict(dtype=torch.float32, causal=False, n_kv=4, length=333, d=80, tol=1e-4),
+        dict(dtype=torch.bfloat16, causal=True, n_kv=1, length=2047, d=128, tol=2e-2),
+        dict(dtype=torch.float16, causal=True, n_kv=4, length=1, d=64, tol=1e-2),
+        dict(dtype=torch.bfloat16, causal=True, n_kv=2, length=3000, d=64, tol=2e-2, subset=300),
+    ]
+    for case in cases:
+        d = case["d"]
+        g = torch.Generator(device=device).manual_seed(1)
+        length = case["length"]
+        shape = dict(device=device, generator=g)
+        q = torch.randn(2, 4, length, d, **shape).to(case["dtype"])
+        k = torch.randn(2, case["n_kv"], length, d, **shape).to(case["dtype"])
+        v = torch.randn(2, case["n_kv"], length, d, **shape).to(case["dtype"])
+        pad = torch.ones(2, length, dtype=torch.bool, device=device)
+        pad[0, : length // 5] = False
+        spans = [[3, 50], [length // 2, length]]
+        positions = None
+        if case.get("subset"):  # answer-token style: a sorted query subset over all keys
+            positions = torch.randperm(length, device=device, generator=g)[: case["subset"]]
+            positions = positions.sort().values
+            q = q[:, :, positions]
+        kw = dict(causal=case["causal"], key_padding_mask=pad, spans=spans,
+                  q_positions=positions, **STATS_KW)  # fmt: skip
+        got = attention_stats(q, k, v, return_output=True, **kw)
+        want = reference.attention_stats(q.float(), k.float(), v.float(), return_output=True,
+                                         **kw)  # fmt: skip
+        qmask = torch.rand(2, q.shape[2], device=device, generator=g) < 0.5
+        common = dict(causal=case["causal"], key_padding_mask=pad, query_mask=qmask,
+                      q_positions=positions)  # fmt: skip
+        recv = received_attention(q, k, got.lse, **common)
+        recv_ref = reference.received_attention(q.float(), k.float(), want.lse, **common)
+        errs = {"received": (recv - recv_ref).abs().max().item()}
+        for name in (*FIELDS, "output"):
+            x, y = getattr(got, name).float(), getattr(want, name).float()
+            fin = torch.isfinite(y)
+            bad = not torch.equal(torch.isfinite(x), fin)
+            errs[name] = math.inf if bad else (x[fin] - y[fin]).abs().max().item()
+        agree = (got.argmax == want.argmax).float().mean().item()
+        worst = max(errs.values())
+        passed = worst <= case["tol"]
+        ok &= passed
+        print(f"check {case['dtype']} causal={case['causal']} L={length} d={d} "
+              f"queries={q.shape[2]} "
+              f"kv={case['n_kv']}: worst={worst:.2e} argmax_agree={agree:.4f} "
+              f"{'ok' if passed else 'FAIL ' + str(errs)}")  # fmt: skip
+    return ok
+
+
+def _sweep_calls(q, k, v, a, lse, cfg) -> dict[str, Callable[[], object]]:
+    return {
+        "stats": lambda: stats_module._triton_stats(
+            q, k, None, a, causal=True, return_output=False, config=cfg, **STATS_KW
+        ),
+        "stats+out": lambda: stats_module._triton_stats(
+            q, k, v, a, causal=True, return_output=True, config=cfg, **STATS_KW
+        ),
+        "recv": lambda: received_module._triton_received(
+            q, k, lse, a, causal=True, query_mask=None, config=cfg
+        ),
+    }
+
+
+def sweep(length: int) -> None:
+    """Time block configurations of the kernels (bf16, causal, H=32, n_kv=8)."""
+    configs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2),
+               (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3)]  # fmt: skip
+    for d in (128, 64):
+        q, k, v = _inputs(length, 8, d)
+        a = reference.check_args(
+            q, k, scale=None, q_positions=None, key_padding_mask=None, spans=_spans(length),
+            **STATS_KW,
+        )  # fmt: skip
+        lse = attention_stats(q, k).lse
+        for cfg in configs:
+            for name, fn in _sweep_calls(q, k, v, a, lse, cfg).items():
+                try:
+                    print(f"sweep d={d} L={length} {name} {cfg}: {_time(fn):.3f} ms", flush=True)
+                except Exception as e:  # a config over the shared-memory or register limits
+                    print(f"sweep d={d} L={length} {name} {cfg}: {type(e).__name__}", flush=True)
+
+
+def _length_label(length: int) -> str:
+    return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+
+
+def _table(rows: list[dict], n_kv: int, d: int) -> str:
+    by = {
+        (r["length"], r["method"]): r for r in rows if r["n_kv_heads"] == n_kv and r["d_head"] == d
+    }
+    lengths = sorted({r["length"] for r in rows})
+    methods = ("sdpa", "cudnn", "naive", "stats", "stats+recv", "stats+out")
+    head = "| L | " + " | ".join(methods) + " | stats TFLOP/s | peak extra (stats+recv) | max err |"
+    lines = [f"**H={N_HEADS}, KV heads={n_kv}, d={d}** (ms, ×SDPA)", "", head,
+             "|" + "---|" * (len(methods) + 4)]  # fmt: skip
+    for length in lengths:
+        cells = []
+        for m in methods:
+            r = by.get((length, m))
+            if r is None:
+                cells.append("–")
+            elif "ms" not in r:
+                cells.append("OOM" if r.get("error") == "out of memory" else "n/a")
+            elif "ratio_to_sdpa" not in r or m == "sdpa":
+                cells.append(f"{r['ms']:.3f}" + ("*" if r.get("note") else ""))
+            else:
+                star = "*" if r.get("note") else ""
+                cells.append(f"{r['ms']:.3f}{star} ({r['ratio_to_sdpa']:.2f}×)")
+        st, sr = by.get((length, "stats"), {}), by.get((length, "stats+recv"), {})
+        err = st.get("max_error")
+        worst = (
+            "–" if err is None else f"{max(v for k, v in err.items() if k != 'argmax_agree'):.1e}"
+        )
+        lines.append(
+            f"| {_length_label(length)} | " + " | ".join(cells)
+            + f" | {st.get('tflops', 0):.0f} | {sr.get('peak_extra_gib', float('nan')):.2f} GiB"
+            + f" | {worst} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's speed and memory targets, each with its worst case over the shapes."""
+
+    def worst(method: str, keep, key: str, pick) -> tuple[float, str]:
+        found = [r for r in rows if r["method"] == method and keep(r) and key in r]
+        if not found:
+            return math.nan, "not measured"
+        r = pick(found, key=lambda r: r[key])
+        return r[key], f"kv={r['n_kv_heads']} d={r['d_head']} L={_length_label(r['length'])}"
+
+    long = lambda r: r["length"] >= 4096  # noqa: E731
+    at_128k = lambda r: r["length"] == 131072  # noqa: E731
+    at_8k = lambda r: r["length"] == 8192  # noqa: E731
+    checks = [
+        ("stats ≤ 1.0× SDPA at L ≥ 4K", *worst("stats", long, "ratio_to_sdpa", max), "<=", 1.0),
+        ("stats + received ≤ 2.0× SDPA at L ≥ 4K",
+         *worst("stats+recv", long, "ratio_to_sdpa", max), "<=", 2.0),
+        ("stats at 128K: < 2 GiB beyond q/k/v",
+         *worst("stats", at_128k, "peak_extra_gib", max), "<", 2.0),
+        ("stats + received at 128K: < 2 GiB beyond q/k/v",
+         *worst("stats+recv", at_128k, "peak_extra_gib", max), "<", 2.0),
+        ("naive ≥ 20× SDPA at 8K", *worst("naive", at_8k, "ratio_to_sdpa", min), ">=", 20.0),
+    ]  # fmt: skip
+    ops = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b}
+    return [
+        dict(target=name, worst=value, where=where, met=bool(ops[op](value, bound)))
+        for name, value, where, op, bound in checks
+    ]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_docs(result: dict, path: Path) -> None:
+    """Replace the text between the bench markers of ``path`` with the result's tables."""
+    rows = result["rows"]
+    body = [
+        f"Device: **{result['device_name']}**; torch {result['torch']}, triton "
+        f"{result['triton']}; {result['date']}.",
+        f"Command: `{result['command']}`",
+        "",
+        "| target | worst case | where | met |",
+        "|---|---|---|---|",
+    ]
+    for t in result["targets"]:
+        body.append(
+            f"| {t['target']} | {t['worst']:.2f} | {t['where']} | {'yes' if t['met'] else 'NO'} |"
+        )
+    body += ["", "Times in ms (median), ratio to SDPA flash in brackets; * = see note in JSON.", ""]
+    for n_kv, d in SHAPES:
+        body += [_table(rows, n_kv, d), ""]
+    block = MARK_START + "\n" + "\n".join(body) + MARK_END
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
+    if MARK_START in text:
+        pre, rest = text.split(MARK_START, 1)
+        text = pre + block + rest.split(MARK_END, 1)[1]
+    else:
+        text += "\n" + block + "\n"
+    _write_atomic(path, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--check", action="store_true", help="correctness checks only")
+    parser.add_argument("--sweep", type=int, metavar="L", help="time block configs at length L")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.check:
+        return 0 if check() else 1
+    if args.sweep:
+        sweep(args.sweep)
+        return 0
+    import triton
+
+    command = "python -m kernels.bench"
+    if tuple(args.lengths) != LENGTHS:
+        command += " --lengths " + " ".join(map(str, args.lengths))
+    result = {
+        "device_name": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "stats_kwargs": {**STATS_KW, "spans": "one 64-key span at L/3"},
+        "block_sizes": {
+            f"d={d}": {
+                "stats": stats_module.block_sizes(d, True),
+                "stats+out": stats_module.block_sizes(d, True, with_output=True),
+                "received": received_module.block_sizes(d, True),
+            }
+            for d in sorted({d for _, d in SHAPES})
+        },
+        "rows": [],
+    }
+    json_path = args.out / f"{device_slug()}.json"
+    for n_kv, d in SHAPES:  # the JSON is rewritten after each shape: a cut-off run keeps some
+        result["rows"] += bench_shape(
+            n_kv, d, tuple(args.lengths), log=lambda r: print(json.dumps(r), flush=True)
+        )
+        result["targets"] = targets(result["rows"])
+        _write_atomic(json_path, json.dumps(result, indent=1))
+    write_docs(result, args.docs)
+    for n_kv, d in SHAPES:
+        print(_table(result["rows"], n_kv, d), "\n")
+    for t in result["targets"]:
+        print(
+            f"target {t['target']}: {t['worst']:.3f} ({t['where']}) "
+            + ("met" if t["met"] else "MISSED")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
