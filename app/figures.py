@@ -295,10 +295,11 @@ def pattern_heatmap(pattern: np.ndarray, labels: Sequence[str], *, title: str) -
         tickfont={"size": tick_font},
         autorange="reversed",
         title_text="query",
-        scaleanchor="x",
     )
-    fig = _layout(fig, height=int(cell * n) + 190, title=title)
-    fig.update_layout(margin={"l": 110, "r": 20, "t": 56, "b": 120})
+    # an exact square: the figure is as wide as the cells plus margins and colour bar
+    margin = {"l": 110, "r": 110, "t": 56, "b": 120}
+    fig = _layout(fig, height=int(cell * n) + margin["t"] + margin["b"], title=title)
+    fig.update_layout(margin=margin, width=int(cell * n) + margin["l"] + margin["r"])
     return fig
 
 

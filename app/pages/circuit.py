@@ -1,14 +1,202 @@
-"""Circuit: the IOI-style circuit stored in a run, as a graph of head classes."""
+"""Circuit: an IOI-style circuit stored in a run, drawn as a graph of head classes.
+
+A circuit (Wang et al. 2022: name movers, S-inhibition, induction, duplicate-token, previous-token
+heads and the paths between them) is found by :mod:`interventions.circuit` and stored in the run
+file under ``/circuits/<name>``; this page reads it through :meth:`workbench.Run.circuit` and
+:meth:`interventions.circuit.Circuit.from_json`. Nodes are heads by layer, coloured by class;
+edges carry the path-patching effect. Clicking a head opens it on the Head page.
+"""
 
 from __future__ import annotations
 
-from dash import html
+from typing import Any
 
-from app.components import needs_panel
+from dash import Input, Output, State, callback, dcc, html, no_update
+
+from app import catalog
+from app.components import error_panel, href, needs_panel, note, run_header
+from app.figures import FONT
+from workbench.errors import WorkbenchError
 
 
-def layout(run: str | None = None, **_q: str) -> html.Div:
+def layout(run: str | None = None, name: str | None = None, **_q: str) -> html.Div:
+    title = html.H2("Circuit")
+    if not run:
+        links = [
+            html.Li(dcc.Link(e.key, href=href("/circuit", run=e.key)))
+            for e in catalog.current().entries()
+            if e.ok
+        ] or [html.Li("no readable run files")]
+        return html.Div([title, note("Choose a run:"), html.Ul(links)], className="page")
+    try:
+        from interventions.circuit import Circuit
+    except ImportError as e:
+        return html.Div(
+            [title, needs_panel("interventions.circuit", f"the circuit reader is missing ({e})")],
+            className="page",
+        )
+    try:
+        with catalog.current().open(run) as r:
+            info = r.model
+            names = r.circuit_names
+            if names:
+                name = name if name in names else names[0]
+                circuit = Circuit.from_json(r.circuit(name))
+    except WorkbenchError as e:
+        return html.Div([title, error_panel(str(e))], className="page")
+    header = run_header(run, info, ("atlas", href("/atlas", run=run)))
+    if not names:
+        return html.Div(
+            [
+                title,
+                header,
+                needs_panel(
+                    "a circuit in this run",
+                    "This run holds no circuit. The IOI circuit finder (interventions.circuit, "
+                    "Circuit.store) writes one into a run file of the same model; reload after.",
+                ),
+            ],
+            className="page",
+        )
     return html.Div(
-        [html.H2("Circuit"), needs_panel("interventions/circuit.py", "not landed yet")],
-        className="page",
+        [
+            title,
+            header,
+            dcc.Store(id="circuit-run", data=run),
+            dcc.Location(id="circuit-nav", refresh="callback-nav"),
+            html.Div(
+                [
+                    html.Label("circuit", htmlFor="circuit-name"),
+                    dcc.Dropdown(
+                        [{"label": n, "value": href("/circuit", run=run, name=n)} for n in names],
+                        href("/circuit", run=run, name=name),
+                        id="circuit-name",
+                        clearable=False,
+                    ),
+                ],
+                className="control",
+            ),
+            html.P(circuit.summary().split("\n")[0], className="muted"),
+            _metrics(circuit),
+            note("Click a head to open it."),
+            dcc.Graph(id="circuit-graph", figure=_figure(circuit), config={"displaylogo": False}),
+            html.H3("Classes"),
+            _classes(circuit, run),
+            html.H3("Paths"),
+            _edges(circuit),
+        ],
+        className="page page-circuit",
     )
+
+
+def _figure(circuit: Any):
+    fig = circuit.plot()
+    fig.update_layout(
+        font=FONT,
+        margin={"l": 60, "r": 20, "t": 56, "b": 40},
+        title={"x": 0, "xanchor": "left", "font": {"size": 14}},
+        legend={"orientation": "h", "y": -0.08},
+        clickmode="event",
+    )
+    return fig
+
+
+def _metrics(circuit: Any) -> html.Div:
+    m = circuit.metrics
+    shown = [
+        ("clean logit diff.", m.get("clean_logit_diff"), "{:.3f}"),
+        ("ABC logit diff.", m.get("abc_logit_diff"), "{:.3f}"),
+        ("accuracy", m.get("clean_accuracy"), "{:.1%}"),
+        ("faithfulness F(C)/F(M)", m.get("faithfulness"), "{:.1%}"),
+        ("normalised faithfulness", m.get("faithfulness_normalized"), "{:.1%}"),
+        ("heads", len(circuit.heads), "{}"),
+    ]
+    return html.Div(
+        [
+            html.Div(
+                [
+                    html.Div(fmt.format(value), className="value"),
+                    html.Div(label, className="label"),
+                ],
+                className="metric",
+            )
+            for label, value, fmt in shown
+            if value is not None
+        ],
+        className="result-grid",
+    )
+
+
+def _classes(circuit: Any, run: str) -> html.Table:
+    rows = [
+        html.Tr(
+            [
+                html.Td(role),
+                html.Td(str(len(heads)), className="num"),
+                html.Td(
+                    [
+                        dcc.Link(
+                            f"{la}.{h}",
+                            href=href("/head", run=run, layer=la, head=h),
+                            className="pill",
+                        )
+                        for la, h in heads
+                    ]
+                ),
+            ]
+        )
+        for role, heads in circuit.by_class().items()
+    ]
+    header = html.Tr([html.Th("class"), html.Th("n", className="num"), html.Th("heads")])
+    return html.Table([html.Thead(header), html.Tbody(rows)], className="compact",
+                      id="circuit-classes")  # fmt: skip
+
+
+def _edges(circuit: Any) -> html.Div:
+    if not circuit.edges:
+        return note("No paths stored.")
+    ranked = sorted(circuit.edges, key=lambda e: -abs(e.effect or 0.0))
+    rows = [
+        html.Tr(
+            [
+                html.Td(e.sender),
+                html.Td(e.receiver),
+                html.Td(e.via),
+                html.Td("—" if e.effect is None else f"{e.effect:+.3f}", className="num"),
+            ]
+        )
+        for e in ranked[:20]
+    ]
+    header = html.Tr(
+        [html.Th("sender"), html.Th("receiver"), html.Th("via"), html.Th("effect", className="num")]
+    )
+    more = f" (20 of {len(ranked)} shown)" if len(ranked) > 20 else ""
+    return html.Div(
+        [
+            note("effect: path-patching change relative to the clean logit difference" + more),
+            html.Table([html.Thead(header), html.Tbody(rows)], className="compact"),
+        ]
+    )
+
+
+@callback(
+    Output("circuit-nav", "href"),
+    Input("circuit-graph", "clickData"),
+    State("circuit-run", "data"),
+    prevent_initial_call=True,
+)
+def _open_head(click: dict | None, run: str):
+    point = (click or {}).get("points", [{}])[0]
+    if not point.get("customdata"):
+        return no_update  # an edge or the logits node
+    layer, head = point["customdata"]
+    return href("/head", run=run, layer=int(layer), head=int(head))
+
+
+@callback(
+    Output("circuit-nav", "href", allow_duplicate=True),
+    Input("circuit-name", "value"),
+    prevent_initial_call=True,
+)
+def _switch(target: str):
+    return target

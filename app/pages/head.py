@@ -273,7 +273,7 @@ def _views(_clicks: int | None, choice: str, typed: str | None, ident: dict):
                 html.Thead(html.Tr([html.Th("token"), html.Th("rate"), html.Th("sum")])),
                 html.Tbody(rows),
             ],
-            className="compact",
+            className="compact narrow",
             id="head-top-tokens",
         ),
     ]

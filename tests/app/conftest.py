@@ -33,8 +33,28 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
         workbench.scan(
             tiny_model, str(prompts), probes="sink,entropy", out=runs / f"{name}.h5", progress=False
         )
+    _store_circuit(runs / "a.h5", tiny_model.info)
     (runs / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
     with h5py.File(runs / "foreign.h5", "w") as f:
         f["data"] = [1, 2, 3]
     (root / "secret.h5").write_bytes(b"outside the runs directory")
     return runs
+
+
+def _store_circuit(run: Path, info) -> None:
+    """A hand-made circuit on the tiny model's heads: the viewer's input format, not a finding."""
+    from interventions.circuit import Circuit, CircuitEdge, CircuitHead
+
+    heads = [
+        CircuitHead(1, 2, "name mover", {"dla": 0.8, "end_io": 0.6}),
+        CircuitHead(0, 1, "s-inhibition", {"dla": 0.1}),
+        CircuitHead(0, 3, "induction", {"dla": 0.05}),
+    ]
+    edges = [
+        CircuitEdge("1.2", "logits", "direct", -0.7),
+        CircuitEdge("0.1", "1.2", "q", -0.3),
+        CircuitEdge("0.3", "0.1", "v", None),
+    ]
+    metrics = {"clean_logit_diff": 1.5, "abc_logit_diff": 0.1, "clean_accuracy": 0.75}
+    task = {"task": "ioi", "n_prompts": 8, "seed": 0}
+    Circuit(info.to_dict(), task, heads, edges, metrics).store(run, "ioi")

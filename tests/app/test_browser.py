@@ -159,8 +159,6 @@ def _screenshot(driver, name: str) -> None:
 
 def _click_heatmap_cell(driver, graph_id: str, layer: int, head: int) -> None:
     """A real mouse click at the centre of cell (layer, head) of a plotly heatmap."""
-    from selenium.webdriver.common.action_chains import ActionChains
-
     gd = _wait(driver, f"#{graph_id} .js-plotly-plot")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", gd)
     x, y = driver.execute_script(
@@ -174,14 +172,52 @@ def _click_heatmap_cell(driver, graph_id: str, layer: int, head: int) -> None:
         head,
         layer,
     )
+    _click_at(driver, x, y)
+
+
+def _click_scatter_point(driver, graph_id: str, customdata: list[int]) -> None:
+    """A real mouse click on the scatter point whose customdata is ``customdata``."""
+    gd = _wait(driver, f"#{graph_id} .js-plotly-plot")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", gd)
+    x, y = driver.execute_script(
+        """
+        const gd = arguments[0], want = JSON.stringify(arguments[1]);
+        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        const box = gd.getBoundingClientRect();
+        for (const trace of gd.data) {
+            const i = (trace.customdata || []).findIndex(c => JSON.stringify(c) === want);
+            if (i >= 0) return [box.left + xa._offset + xa.l2p(trace.x[i]),
+                                box.top + ya._offset + ya.l2p(trace.y[i])];
+        }
+        return null;
+        """,
+        gd,
+        customdata,
+    )
+    _click_at(driver, x, y)
+
+
+def _click_at(driver, x: float, y: float) -> None:
+    """Hover, then click: plotly resolves a click to the point its (throttled) hover found."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
     actions = ActionChains(driver)
     actions.w3c_actions.pointer_action.move_to_location(int(x), int(y))
+    actions.w3c_actions.pointer_action.pause(0.6)
     actions.w3c_actions.pointer_action.click()
     actions.perform()
 
 
 def test_explorer_in_chromium(server: str, browser) -> None:
-    d = browser
+    try:
+        _walk(server, browser)
+    except BaseException:
+        _screenshot(browser, "failure")
+        (ARTIFACTS / "failure.html").write_text(browser.page_source)
+        raise
+
+
+def _walk(server: str, d) -> None:
 
     # Runs: both scans listed; the corrupt and foreign files are error panels, not a crash
     d.get(server + "/")
@@ -234,11 +270,15 @@ def test_explorer_in_chromium(server: str, browser) -> None:
     _page_fits(d)
     _screenshot(d, "compare")
 
+    # Circuit: the stored circuit's graph by class; clicking a node opens that head
     d.get(server + "/circuit?run=a.h5")
-    _wait(d, ".page")
+    _wait(d, "#circuit-graph .scatterlayer")
+    assert "name mover" in d.find_element("id", "circuit-classes").text
     _settle(d)
     _page_fits(d)
     _screenshot(d, "circuit")
+    _click_scatter_point(d, "circuit-graph", [0, 3])
+    _wait(d, "#head-title", text="Head L0 H3")
 
     # Bad inputs: no path outside the runs directory, corrupt files are panels; still serving
     for key, message in (
