@@ -203,3 +203,71 @@ def test_bridged_model_is_refused(llama):
         twin(torch.tensor([[1, 2, 3]]))
     with pytest.raises(RuntimeError, match="did not call the streamed attention"):
         _ = rec.stats
+
+
+def _agree_with_bridge(model, text: str, n_tokens: int) -> None:
+    """Every per-query statistic and the received attention of ``model`` (a built-in
+    `workbench.models.Model`) from the streamed path against TransformerLens ``hook_pattern``."""
+    ids = model.tokenize(text)[:n_tokens]
+    kw = dict(sink_size=2, recent_window=4, spans=[[5, 12], [20, 30]])
+    with torch.no_grad():
+        _, cache = model.bridge().run_with_cache(ids[None])
+        with StreamedRecorder(model.hf, received=True, **kw) as rec:
+            model.hf(ids[None])
+    assert len(rec.stats) == model.info.n_layers
+    for layer, streamed in enumerate(rec.stats):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float()  # [batch, head, q, k]
+        assert pattern.shape == (1, model.info.n_heads, len(ids), len(ids))
+        want = stats_from_pattern(pattern, causal=model.info.causal, **kw)
+        assert_agree(streamed, want, pattern)
+        torch.testing.assert_close(rec.received[layer], pattern.sum(2), atol=ATOL, rtol=0)
+
+
+TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat. " * 4
+
+
+def test_minilm_agrees_with_transformer_lens():
+    from workbench.models import load
+
+    _agree_with_bridge(load("minilm", device="cpu"), TEXT, 48)  # bidirectional encoder
+
+
+@pytest.mark.slow
+def test_smollm2_agrees_with_transformer_lens(smollm2):
+    _agree_with_bridge(smollm2, TEXT, 64)  # GQA: 9 query heads on 3 KV heads
+
+
+def _arch(name: str):
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "GPT2":
+        config = transformers.GPT2Config(
+            vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+            eos_token_id=1,
+        )  # fmt: skip
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("name", ["Qwen2", "Gemma", "GPT2"])
+def test_other_architectures_agree_with_eager(name):
+    model = _arch(name)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(2, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    want_logits, patterns = _eager_patterns(model, ids, mask)
+    with torch.no_grad(), StreamedRecorder(model, **KW) as rec:
+        logits = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], want_logits[real], atol=ATOL, rtol=0)
+    assert len(rec.stats) == 2
+    for streamed, pattern in zip(rec.stats, patterns, strict=True):
+        want = stats_from_pattern(pattern, key_padding_mask=real, causal=True, **KW)
+        assert_agree(streamed, want, pattern)
