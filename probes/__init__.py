@@ -11,6 +11,7 @@ from probes.base import Measurement, Probe, ScanContext
 from probes.dormant import DormantProbe
 from probes.entropy import EntropyProbe
 from probes.positional import PositionalProbe
+from probes.retrieval import RetrievalProbe
 from probes.sinks import FirstTokenSinkProbe, HiddenSinkProbe, ResidualPeakProbe, ValueDrainProbe
 from probes.streaming import StreamingProbe
 from workbench.errors import WorkbenchError
@@ -26,6 +27,7 @@ PROBES: dict[str, Probe] = {
         DormantProbe(),
         PositionalProbe(),
         StreamingProbe(),
+        RetrievalProbe(),
     ]
 }
 

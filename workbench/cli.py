@@ -137,6 +137,95 @@ def _check_identity(info: Any, model: str | None, heads: str | None) -> None:
             )
 
 
+def _cmd_evaluate_map(args: argparse.Namespace) -> None:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from workbench.atomic import atomic_write_text
+    from workbench.errors import RunMismatchError
+    from workbench.export import select_full
+    from workbench.headmap import HeadMap, Policy
+    from workbench.models import load
+    from workbench.serving import evaluate_map, machine
+    from workbench.store import open_run
+    from workbench.tasks.needle import needle_grid, toy_recall_grid
+
+    policy = Policy(sink_size=args.sink_size, recent_size=args.recent_size, gqa_rule=args.gqa)
+    with open_run(args.run) as run:
+        headmap = HeadMap.from_run(run, policy)
+    model = load(args.model or headmap.model.name, device=args.device)
+    mine, theirs = model.info, headmap.model
+    if (mine.n_layers, mine.n_heads, mine.n_kv_heads, mine.config_hash) != (
+        theirs.n_layers, theirs.n_heads, theirs.n_kv_heads, theirs.config_hash
+    ):  # fmt: skip
+        raise RunMismatchError(
+            f"the run was made on {theirs.name} ({theirs.config_hash}), the model loaded is "
+            f"{mine.name} ({mine.config_hash}); pass --model with the run's model"
+        )
+    maps: dict[str, np.ndarray] = {}
+    score = select_full(headmap, score=args.score, full_fraction=0.0).score
+    if headmap.table(score).threshold is not None:
+        selection = select_full(headmap, score=args.score)
+        maps[selection.rule] = selection.kv_full
+    for fraction in args.full_fractions:
+        selection = select_full(headmap, score=args.score, full_fraction=fraction)
+        if not any(np.array_equal(selection.kv_full, m) for m in maps.values()):
+            maps[selection.rule] = selection.kv_full
+    task = args.task if args.task != "auto" else (
+        "toy-recall" if mine.name == "toy-recall" else "prose"
+    )  # fmt: skip
+    try:
+        if task == "toy-recall":
+            trials = toy_recall_grid(args.lengths, args.depths, args.trials, seed=args.seed)
+        else:
+            trials = needle_grid(
+                model.tokenizer, args.lengths, args.depths, args.needles, args.seed
+            )
+    except ValueError as e:
+        raise WorkbenchError(str(e)) from None
+    with tqdm(total=1, desc="evaluate-map", disable=args.quiet, file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        frame = evaluate_map(
+            model,
+            maps,
+            trials,
+            sink_size=args.sink_size,
+            recent_size=args.recent_size,
+            random_seed=args.seed,
+            max_new_tokens=args.max_new,
+            progress=progress,
+        )
+    print(frame.to_string(index=False))
+    if args.out:
+        settings = {k: v for k, v in vars(args).items() if k != "handler"}
+        document = {
+            "model": mine.name,
+            "run": str(args.run),
+            "machine": machine(),
+            "task": task,
+            "settings": settings,
+            "rows": frame.to_dict("records"),
+        }
+        path = atomic_write_text(Path(args.out), json.dumps(document, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
+def _numbers(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of numbers, not {text!r}"
+            ) from None
+
+    return parse
+
+
 def _cmd_cache(args: argparse.Namespace) -> None:
     from workbench.cache import write_cache
     from workbench.models import load
@@ -293,6 +382,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recent-size", type=int, default=256, help="recent window for streaming heads")
     p.add_argument("--model", help="refuse the run unless its model has this name")
     p.add_argument("--heads", metavar="L,H,KV", help="refuse the run unless it has these counts")
+
+    p = command(
+        "evaluate-map",
+        _cmd_evaluate_map,
+        "simulate a run's head map as a serving KV-cache policy: needle accuracy vs KV kept",
+    )
+    p.add_argument("run", help="run file (.h5) with a retrieval (or --score) score table")
+    p.add_argument("--model", help="model to load (default: the run's model name)")
+    p.add_argument("--score", help="score deciding full heads (default: the --full-label one)")
+    p.add_argument(
+        "--full-fractions",
+        type=_numbers(float),
+        default=[0.1, 0.25, 0.5],
+        help="shares of KV heads kept full, top by score (default 0.1,0.25,0.5); the score's "
+        "own threshold is always tested too",
+    )
+    p.add_argument("--lengths", type=_numbers(int), default=[512, 1024, 2048])
+    p.add_argument("--depths", type=_numbers(float), default=[0.25, 0.5, 0.75])
+    p.add_argument("--needles", type=int, default=2, help="prose task: the first n needles")
+    p.add_argument("--trials", type=int, default=4, help="toy-recall task: trials per cell")
+    p.add_argument("--task", choices=["auto", "prose", "toy-recall"], default="auto")
+    p.add_argument("--sink-size", type=int, default=4, help="sink tokens of streaming heads")
+    p.add_argument("--recent-size", type=int, default=256, help="window of streaming heads")
+    p.add_argument("--gqa", choices=["max", "mean"], default="max")
+    p.add_argument("--max-new", type=int, default=40, help="tokens to decode per answer")
+    p.add_argument("--seed", type=int, default=0, help="seed of trials and random maps")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", help="also write the table as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("cache", _cmd_cache, "write hook activations of a prompt set to an HDF5 cache")
     p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")

@@ -27,6 +27,7 @@ after the whole haystack.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -275,3 +276,20 @@ def toy_recall_grid(
             )
         )
     return trials
+
+
+def rouge1_recall(reference: str, response: str) -> float:
+    """Share of the reference's words (with multiplicity) found in the response: ROUGE-1 recall
+    over lowercase alphanumeric words."""
+    ref, got = (re.findall(r"[a-z0-9]+", s.lower()) for s in (reference, response))
+    if not ref:
+        return 0.0
+    counts: dict[str, int] = {}
+    for w in got:
+        counts[w] = counts.get(w, 0) + 1
+    hits = 0
+    for w in ref:
+        if counts.get(w, 0) > 0:
+            counts[w] -= 1
+            hits += 1
+    return hits / len(ref)
