@@ -14,6 +14,9 @@ Usage::
     rec.stats          # list over layers of AttentionStats ([batch, n_heads, q] tensors, CPU)
     rec.received       # list over layers of [batch, n_heads, k_len] (with received=True)
 
+    # or hand each layer on as soon as it is computed (e.g. to a run file), keeping nothing:
+    StreamedRecorder(model, on_layer=lambda layer, stats, received: ...)
+
 Masks. A companion mask function is registered in ``AttentionMaskInterface`` under the same
 name; instead of a 4D mask it hands the attention function the 2D key padding mask
 ``[batch, k_len]`` (or None when nothing is padded). Causal versus bidirectional comes from the
@@ -30,6 +33,7 @@ per-query statistics (``argmax`` is then None).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +76,11 @@ class StreamedRecorder:
             queries (fully masked rows excluded), ``[batch, n_heads]`` per field.
         device: where recorded tensors go (default the CPU).
         backend: kernel backend, as for `kernels.attention_stats`.
+        on_layer: streams instead of keeping: called as ``on_layer(layer, stats, received)``
+            once per attention layer and forward pass, with that layer's statistics (and
+            received attention, else None) already on ``device``, e.g. to write them to a run
+            file as they arrive. The recorder then keeps nothing (``forwards``, ``stats`` and
+            ``received`` raise), so host memory holds one layer's statistics at a time.
 
     Attributes:
         forwards: one entry per forward pass inside the context (generation makes several),
@@ -93,6 +102,7 @@ class StreamedRecorder:
         reduce: str | None = None,
         device: torch.device | str = "cpu",
         backend: str = "auto",
+        on_layer: Callable[[int, AttentionStats, Tensor | None], None] | None = None,
     ) -> None:
         if reduce not in (None, "mean"):
             raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
@@ -110,6 +120,7 @@ class StreamedRecorder:
         self.reduce = reduce
         self.device = torch.device(device)
         self.backend = backend
+        self.on_layer = on_layer
         self._runs: list[_Forward] = []  # forwards that completed
         self._pending: _Forward | None = None  # the forward in progress
         self._saved: list[tuple[Any, Any]] = []
@@ -158,7 +169,12 @@ class StreamedRecorder:
                     "transformers' AttentionInterface (a TransformerBridge replaces them in "
                     "place; give the bridge its own copy of the model)"
                 )
+        self._check_kept()
         return [[run.stats[i] for i in sorted(run.stats)] for run in self._runs]
+
+    def _check_kept(self) -> None:
+        if self.on_layer is not None:
+            raise RuntimeError("the statistics were handed to on_layer, not kept")
 
     @property
     def stats(self) -> list[AttentionStats]:
@@ -172,6 +188,7 @@ class StreamedRecorder:
             raise RuntimeError("pass received=True to record received attention")
         if not self._runs:
             raise RuntimeError("no forward pass ran inside the StreamedRecorder context")
+        self._check_kept()
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         run = self._runs[-1]
@@ -234,14 +251,20 @@ class StreamedRecorder:
         if rows is not None and query_mask is not None:
             query_mask = query_mask[:, rows]
 
+        rec = None  # [batch, n_heads, k_len]
         if self.record_received:
             rec = received_attention(
                 q_sel, key, st.lse, q_positions=positions, query_mask=query_mask, **common
             )
-            run.received[layer] = rec.to(self.device, non_blocking=True)
         if self.reduce == "mean":
             st = _mean_over_queries(st, query_mask)
+        if self.on_layer is not None:  # blocking copies: the callback reads them at once
+            received = None if rec is None else rec.to(self.device)
+            self.on_layer(layer, st.apply(lambda t: t.to(self.device)), received)
+            return output
         # non-blocking: the GPU goes on with the next layer; `forwards` synchronizes
+        if rec is not None:
+            run.received[layer] = rec.to(self.device, non_blocking=True)
         run.stats[layer] = st.apply(lambda t: t.to(self.device, non_blocking=True))
         return output
 

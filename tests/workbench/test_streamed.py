@@ -271,3 +271,24 @@ def test_other_architectures_agree_with_eager(name):
     for streamed, pattern in zip(rec.stats, patterns, strict=True):
         want = stats_from_pattern(pattern, key_padding_mask=real, causal=True, **KW)
         assert_agree(streamed, want, pattern)
+
+
+def test_on_layer_streams_instead_of_keeping(llama):
+    ids = torch.randint(2, 64, (2, 20), generator=torch.Generator().manual_seed(6))
+    seen = []
+    with torch.no_grad():
+        with StreamedRecorder(llama, received=True, **KW) as kept:
+            llama(ids)
+        with StreamedRecorder(
+            llama, received=True, on_layer=lambda *a: seen.append(a), **KW
+        ) as rec:
+            llama(ids)
+    assert [layer for layer, _, _ in seen] == [0, 1]
+    for (_, stats, received), want, want_received in zip(
+        seen, kept.stats, kept.received, strict=True
+    ):
+        for name in (*FIELDS, "lse", "argmax"):
+            torch.testing.assert_close(getattr(stats, name), getattr(want, name), atol=0, rtol=0)
+        torch.testing.assert_close(received, want_received, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="on_layer"):
+        _ = rec.stats
