@@ -16,7 +16,7 @@ each path), :mod:`~interventions.engine` (hooks and groups), :mod:`~intervention
 
 from interventions.engine import Intervener, intervene
 from interventions.evaluate import EvalResult, evaluate, matched_control, sweep, top_heads
-from interventions.self_repair import self_repair
+from interventions.self_repair import direct_effects, self_repair
 from interventions.specs import (
     KINDS,
     FirstTokenAttention,
@@ -56,6 +56,7 @@ __all__ = [
     "Toy",
     "UniformAttention",
     "ZeroAblation",
+    "direct_effects",
     "dump_specs",
     "evaluate",
     "intervene",

@@ -35,7 +35,7 @@ from interventions.tasks import Task
 from workbench.errors import InterventionError
 from workbench.models import Model
 
-__all__ = ["self_repair"]
+__all__ = ["direct_effects", "self_repair"]
 
 
 def _final_norm(hf: torch.nn.Module) -> torch.nn.Module:
@@ -156,4 +156,55 @@ def self_repair(
                      "total_effect": total_effect, "restored_share": share})  # fmt: skip
     frame = pd.DataFrame(rows)
     frame.attrs |= {"metric": metric, "kind": kind, "task": task.name}
+    return frame
+
+
+@torch.no_grad()
+def direct_effects(model: Model, task: Task | str, *, batch_size: int = 8) -> pd.DataFrame:
+    """Every head's direct effect on the task's headline metric, from one clean pass per batch.
+
+    A head's direct effect is ``clean − metric(logits without the head's direct path)``: its
+    output ``z_h W_O^h`` is removed from the final residual at the clean norm scale (direct
+    logit attribution, the ``direct_effect`` of :func:`self_repair` under zero ablation). Returns
+    one row per head, ``layer, head, direct_effect``, largest first.
+    """
+    task = _as_task(task)
+    metric = task.metrics[0]
+    info = model.info
+    hf = model.hf
+    intervener = Intervener(model)
+    norm = _final_norm(hf)
+    layers = range(info.n_layers)
+    w_o = {lay: _output_projection(hf, lay).float() for lay in layers}
+    totals = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
+    count = 0
+    for batch in task.batches(model, batch_size):
+        captured: list[Tensor] = []
+        hook = norm.register_forward_pre_hook(lambda _m, args, c=captured: c.append(args[0]))
+        try:  # one clean pass records every layer's z and the final residual
+            recorded = intervener.record(batch.tokens, layers, path="streamed")
+        finally:
+            hook.remove()
+        keep = batch.keep or batch.tokens.shape[1]
+        resid = captured[0][:, -keep:].float()  # [b, keep, d_model]
+        clean_logits = hf.get_output_embeddings()(norm(captured[0][:, -keep:])).float()
+        clean = task.score(clean_logits, batch)[metric].double().cpu()
+        d = info.d_head
+        for layer in layers:
+            z = recorded[layer]["z"][:, -keep:].float()  # [b, keep, head, d_head]
+            for head in range(info.n_heads):
+                out = z[:, :, head] @ w_o[layer][:, head * d : (head + 1) * d].T
+                logits = _direct_logits(hf, clean_logits, resid, -out)
+                without = task.score(logits, batch)[metric].double().cpu()
+                totals[layer, head] += (clean - without).sum()
+        count += batch.tokens.shape[0]
+    if count == 0:
+        raise InterventionError(f"task {task.name!r} produced no prompts")
+    effects = (totals / count).numpy()
+    layer_index, head_index = np.indices(effects.shape)
+    frame = pd.DataFrame({"layer": layer_index.ravel(), "head": head_index.ravel(),
+                          "direct_effect": effects.ravel()})  # fmt: skip
+    frame = frame.sort_values("direct_effect", ascending=False, kind="stable")
+    frame = frame.reset_index(drop=True)
+    frame.attrs |= {"metric": metric, "task": task.name}
     return frame

@@ -54,3 +54,16 @@ def test_no_change_no_effect(tiny_model, task):
     frame = self_repair(tiny_model, task, ["1.2"], kind="scale", options={"factor": 1.0})
     assert frame.loc[0, "direct_effect"] == pytest.approx(0, abs=1e-6)
     assert frame.loc[0, "total_effect"] == pytest.approx(0, abs=1e-6)
+
+
+def test_direct_effects_match_self_repair(tiny_model, task):
+    from interventions.self_repair import direct_effects
+
+    table = direct_effects(tiny_model, task, batch_size=2)
+    assert len(table) == tiny_model.info.n_layers * tiny_model.info.n_heads
+    assert (table["direct_effect"].diff().dropna() <= 0).all()
+    pick = [(int(r.layer), int(r.head)) for r in table.head(2).itertuples()]
+    repair = self_repair(tiny_model, task, pick)
+    assert repair["direct_effect"].tolist() == pytest.approx(
+        table["direct_effect"].head(2).tolist(), abs=1e-4
+    )
