@@ -7,6 +7,7 @@ Examples::
     workbench intervene smollm2-135m --sweep uniform --task needle --task-option length=2048 \\
         --scores runs/smollm2.h5 --score retrieval --top-k 10
     workbench intervene smollm2-135m --self-repair 9.0,10.3 --task ioi
+    workbench intervene smollm2-135m --direct-effects --task ioi --top-k 10
 
 The table goes to stdout; ``--out`` writes the result as JSON (atomically).
 """
@@ -55,13 +56,15 @@ def _heads_option(args: argparse.Namespace, model: Any) -> list[Any] | None:
 def run(args: argparse.Namespace) -> None:
     """The subcommand's handler (``workbench.cli`` parses the arguments)."""
     from interventions.evaluate import evaluate, sweep
-    from interventions.self_repair import self_repair
+    from interventions.self_repair import direct_effects, self_repair
     from interventions.specs import load_specs
     from workbench.models import load
 
-    modes = [m for m in (args.spec, args.sweep, args.self_repair) if m]
+    modes = [m for m in (args.spec, args.sweep, args.self_repair, args.direct_effects) if m]
     if len(modes) != 1:
-        raise InterventionError("give exactly one of --spec, --sweep, --self-repair")
+        raise InterventionError(
+            "give exactly one of --spec, --sweep, --self-repair, --direct-effects"
+        )
     options = dict(args.option)
     specs = load_specs(args.spec) if args.spec else None  # check the file before loading
     model = load(args.model, device=args.device)
@@ -80,6 +83,13 @@ def run(args: argparse.Namespace) -> None:
         print(f"sweep {args.sweep} on {task.name}: baseline {frame.attrs['baseline']}")
         print(frame.to_string(index=False, float_format="{:.4f}".format))
         payload = {"baseline": frame.attrs["baseline"], "kind": args.sweep, "task": task.name,
+                   "rows": frame.to_dict(orient="records")}  # fmt: skip
+    elif args.direct_effects:
+        frame = direct_effects(model, task, **common)
+        print(f"direct effects on {task.name}, metric {frame.attrs['metric']}")
+        shown = frame.head(args.top_k) if args.top_k else frame
+        print(shown.to_string(index=False, float_format="{:.4f}".format))
+        payload = {"metric": frame.attrs["metric"], "task": task.name,
                    "rows": frame.to_dict(orient="records")}  # fmt: skip
     else:
         from interventions.specs import parse_head

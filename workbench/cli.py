@@ -447,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--spec", help="intervention spec: JSON file or inline JSON (one or a list)")
     mode.add_argument("--sweep", metavar="KIND", help="apply KIND to each head alone (e.g. zero)")
     mode.add_argument("--self-repair", metavar="L.H,...", help="direct vs total effect per head")
+    mode.add_argument(
+        "--direct-effects", action="store_true", help="every head's direct effect (one pass)"
+    )
     p.add_argument("--task", required=True, choices=["ioi", "needle", "loss", "toy"])
     p.add_argument(
         "--task-option", action="append", default=[], type=_probe_option, metavar="KEY=VALUE",

@@ -37,3 +37,12 @@ def test_user_errors_exit_2(tiny_llama_dir, capsys):
     assert main([*base, "--spec", '{"kind": "zero", "heads": [[0, 0]]}',
                  "--task-option", "bogus=1"]) == 2  # fmt: skip
     assert "task 'loss'" in capsys.readouterr().err
+
+
+def test_intervene_direct_effects(tiny_llama_dir, capsys):
+    code = main(["intervene", str(tiny_llama_dir), "--direct-effects", "--top-k", "3",
+                 "--task", "loss", "--task-option", "n=2", "--task-option", "length=8",
+                 "--device", "cpu", "--quiet"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "direct effects on loss" in out and len(out.strip().splitlines()) == 5
