@@ -43,6 +43,7 @@ CLASS_COLORS = {
     "induction": "#2ca02c",
     "duplicate token": "#9467bd",
     "previous token": "#8c564b",
+    "other": "#7f7f7f",
 }
 
 
@@ -146,6 +147,11 @@ class Circuit:
                 f"circuit ({len(self.heads)} heads) keeps {m['faithfulness']:.1%} of the logit "
                 f"difference (normalized {m['faithfulness_normalized']:.1%}); "
                 f"F(C) {m['circuit_logit_diff']:.3f}, F(empty) {m['empty_logit_diff']:.3f}"
+            )
+        if "faithfulness_seven_classes" in m:
+            parts.append(
+                f"without the 'other' heads ({m['seven_class_heads']} heads of the seven "
+                f"classes): {m['faithfulness_seven_classes']:.1%}"
             )
         return "\n".join([*parts, self.classes_table()])
 
@@ -363,6 +369,13 @@ def faithfulness(
         "faithfulness_normalized": (f_circuit - f_empty) / (f_model - f_empty),
         "ablation": "template-wise mean over the ABC prompts, per position, of each head's z",
     }
+    in_classes = in_circuit.clone()
+    for h in circuit.heads:
+        if h.role == "other":
+            in_classes[h.layer, h.head] = False
+    if not torch.equal(in_classes, in_circuit):
+        out["seven_class_heads"] = int(in_classes.sum())
+        out["faithfulness_seven_classes"] = f(~in_classes) / f_model
     if not checks or not circuit.heads:
         return out
     subsets: dict[str, list[tuple[int, int]]] = dict(circuit.by_class())

@@ -62,6 +62,10 @@ CLASSES = (
     "duplicate token",
     "previous token",
 )
+# Heads that matter but fit none of the seven rules (e.g. a head that attends to S2 from END and
+# suppresses S directly in the logits) enter the circuit under this label, so faithfulness counts
+# them; the paper's circuit has no such heads.
+OTHER = "other"
 # GPT-2 small's classes as published (Wang et al. 2022; ACDC acdc/ioi/utils.py).
 GPT2_SMALL_IOI = {
     "name mover": [(9, 9), (9, 6), (10, 0)],
@@ -88,6 +92,8 @@ class Rules:
     - induction: ``pp_sinh_v <= -path_effect`` and ``s2_s1p1 >= attend_induction``
     - duplicate token: ``pp_sinh_v <= -path_effect`` and ``s2_s1 >= attend_duplicate``
     - previous token: ``pp_ind_k <= -path_effect`` and ``s1p1_s1 >= attend_previous``
+    - other (none of the above): ``|act_patch| >= other_effect`` or ``|direct_effect| >=
+      other_effect`` (``attr_patch`` stands in where ``act_patch`` was not computed)
     """
 
     attend_io: float = 0.2
@@ -98,6 +104,7 @@ class Rules:
     direct_effect: float = 0.05
     backup_gain: float = 0.05
     path_effect: float = 0.02
+    other_effect: float = 0.1
 
     def describe(self) -> dict[str, str]:
         """Each class's rule with the thresholds filled in."""
@@ -113,6 +120,8 @@ class Rules:
             f"{self.attend_duplicate}",
             "previous token": f"pp_ind_k <= -{self.path_effect} and s1p1_s1 >= "
             f"{self.attend_previous}",
+            OTHER: f"no class above and (|act_patch| >= {self.other_effect} or "
+            f"|direct_effect| >= {self.other_effect})",
         }
 
     def matches(self, row: pd.Series) -> list[str]:
@@ -142,8 +151,20 @@ class Rules:
 
 
 def classify(table: pd.DataFrame, rules: Rules) -> pd.Series:
-    """One class per head (``""`` = none): the first class of :data:`CLASSES` whose rule holds."""
-    return table.apply(lambda row: (rules.matches(row) or [""])[0], axis=1)
+    """One class per head: the first class of :data:`CLASSES` whose rule holds, else
+    :data:`OTHER` for a head with a large effect, else ``""``."""
+
+    def one(row: pd.Series) -> str:
+        matched = rules.matches(row)
+        if matched:
+            return matched[0]
+        total = row.get("act_patch", np.nan)
+        if np.isnan(total):
+            total = row.get("attr_patch", np.nan)
+        effects = np.nan_to_num([total, row.get("direct_effect", np.nan)], nan=0.0)
+        return OTHER if np.abs(effects).max() >= rules.other_effect else ""
+
+    return table.apply(one, axis=1)
 
 
 @dataclass
@@ -402,7 +423,7 @@ def build_circuit(
         by_class.setdefault(h.role, []).append((h.layer, h.head))
     edges = []
     for h in heads:
-        if h.role in ("name mover", "negative name mover", "backup name mover"):
+        if h.role in ("name mover", "negative name mover", "backup name mover", OTHER):
             edges.append(CircuitEdge(h.name, "logits", "direct", h.evidence["direct_effect"]))
     targets = {
         "pp_nm_q": ("name mover", "q", ("s-inhibition",)),

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import workbench
 from interventions.circuit import Circuit
-from interventions.ioi import CLASSES, GPT2_SMALL_IOI, Rules, classify, find_circuit
+from interventions.ioi import CLASSES, GPT2_SMALL_IOI, OTHER, Rules, classify, find_circuit
 from workbench.cli import main
 from workbench.errors import InterventionError
 from workbench.toys.tasks import IndirectObject
@@ -39,6 +39,7 @@ def test_each_rule_picks_its_class_and_nothing_else():
         "duplicate token": row(s2_s1=0.4, pp_sinh_v=-0.1),
         "previous token": row(s1p1_s1=0.6, pp_ind_k=-0.1),
         "": row(end_io=0.5),  # attends to IO but has no effect: no class
+        "other": row(end_s2=0.6, direct_effect=-0.3),  # large effect, no class's attention
     }
     table = pd.DataFrame([cases[k] for k in cases], index=list(cases))
     assert classify(table, r).tolist() == list(cases)
@@ -56,7 +57,7 @@ def test_first_class_wins_and_thresholds_are_in_one_place():
     assert classify(pd.DataFrame([both]), r).tolist() == ["name mover"]
     strict = Rules(attend_io=0.6)
     assert strict.matches(both) == []
-    assert set(r.describe()) == set(CLASSES)
+    assert set(r.describe()) == {*CLASSES, OTHER}
     assert "0.6" in strict.describe()["name mover"]
 
 
