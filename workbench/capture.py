@@ -109,6 +109,18 @@ def _pattern_path(model: Model, token_ids: torch.Tensor) -> list[dict[str, torch
 def _streamed_path(model: Model, token_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     from workbench.streamed import StreamedRecorder
 
-    with StreamedRecorder(model.hf, sink_size=1) as recorder:
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+
+    def record(layer: int, stats: AttentionStats, _received: None) -> None:
+        # reduced as each layer arrives: host memory holds one layer's per-query statistics
+        per_layer[layer] = reduce_stats(stats, causal=model.info.causal)
+
+    with StreamedRecorder(model.hf, sink_size=1, on_layer=record):
         model.hf(token_ids[None].to(model.device))
-    return [reduce_stats(stats, causal=model.info.causal) for stats in recorder.stats]
+    missing = [layer for layer in range(model.info.n_layers) if layer not in per_layer]
+    if missing:
+        raise RuntimeError(
+            f"the streamed attention function did not run for layers {missing}: the model's "
+            "attention does not dispatch through transformers' AttentionInterface"
+        )
+    return [per_layer[layer] for layer in range(model.info.n_layers)]
