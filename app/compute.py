@@ -15,7 +15,9 @@ Head views:
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,13 +139,55 @@ class PositionStats:
         return [(int(p), float(self.received_rate[p]), float(self.received[p])) for p in order]
 
 
+def _blocks(model: Model) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
+    """(parent, attribute, the ModuleList of the model's n_layers transformer blocks)."""
+    for name, module in model.hf.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == model.info.n_layers:
+            parent, _, attribute = name.rpartition(".")
+            return (model.hf.get_submodule(parent) if parent else model.hf), attribute, module
+    raise ModelLoadError(f"cannot find the {model.info.n_layers} blocks of {model.info.name}")
+
+
+@contextlib.contextmanager
+def first_blocks(
+    model: Model, n: int, on_block: Callable[[int, int], None] | None = None
+) -> Iterator[None]:
+    """Run only the first ``n`` transformer blocks (layer n-1's attention needs nothing after
+    it); ``on_block(i, n)`` is called before block i (progress, and where a job is cancelled).
+    Hold the model's lock: the block list is swapped for the duration."""
+    parent, attribute, blocks = _blocks(model)
+    kept = torch.nn.ModuleList(list(blocks)[:n])
+    hooks = []
+    if on_block is not None:
+        for i, block in enumerate(kept):
+            hooks.append(block.register_forward_pre_hook(lambda *_, i=i: on_block(i, n)))
+    setattr(parent, attribute, kept)
+    try:
+        yield
+    finally:
+        setattr(parent, attribute, blocks)
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
-def head_positions(model: Model, token_ids: torch.Tensor, layer: int, head: int) -> PositionStats:
-    """Streamed per-position statistics of one head (``token_ids: [seq]``), no L×L tensor."""
+def head_positions(
+    model: Model,
+    token_ids: torch.Tensor,
+    layer: int,
+    head: int,
+    on_block: Callable[[int, int], None] | None = None,
+) -> PositionStats:
+    """Streamed per-position statistics of one head (``token_ids: [seq]``), no L×L tensor.
+
+    Only blocks 0..layer run; ``on_block`` reports each (see :func:`first_blocks`)."""
     from workbench.streamed import StreamedRecorder
 
-    with StreamedRecorder(model.hf, sink_size=1, received=True) as recorder:
-        model.hf(token_ids[None].to(model.device))
+    with (
+        first_blocks(model, layer + 1, on_block),
+        StreamedRecorder(model.hf, sink_size=1, received=True) as recorder,
+    ):
+        model.hf(token_ids[None].to(model.device), use_cache=False)
     stats = recorder.stats[layer]  # fields [batch, n_heads, q_pos]
     received = recorder.received[layer][0, head].float().numpy()  # [k_pos]
     n = received.shape[0]

@@ -55,7 +55,6 @@ def layout(run: str | None = None, view: str | None = None, **_query: str) -> ht
                 run,
                 info,
                 ("compare with…", href("/", compare=run)),
-                ("intervention lab", href("/lab", run=run)),
                 ("circuit", href("/circuit", run=run)),
             ),
             dcc.Store(id="atlas-run", data=run),
@@ -86,7 +85,20 @@ def layout(run: str | None = None, view: str | None = None, **_query: str) -> ht
                 ],
                 className="row controls",
             ),
-            note("Click a head to open it. Dots: heads the probe labelled. Lines: KV groups."),
+            html.Div(
+                [
+                    note(
+                        "Click a head to open it. Dots: heads the probe labelled. Lines: KV groups."
+                    ),
+                    dcc.Link(
+                        "intervene on the heads shown",
+                        id="atlas-lab",
+                        href="/lab",
+                        className="pill",
+                    ),
+                ],
+                className="row between",
+            ),
             dcc.Graph(id="atlas-grid", config={"displaylogo": False}),
             html.Div(id="atlas-definition", className="definition"),
             html.H3("Head fingerprints"),
@@ -160,6 +172,40 @@ def _grid(view: str, value_range: list[float], run: str):
         title=f"{table.name} per head",
     )
     return fig, _definition(table)
+
+
+MAX_LAB_HEADS = 64
+
+
+@callback(
+    Output("atlas-lab", "href"),
+    Output("atlas-lab", "children"),
+    Input("atlas-view", "value"),
+    Input("atlas-range", "value"),
+    State("atlas-run", "data"),
+)
+def _lab_link(view: str, value_range: list[float] | None, run: str):
+    """The lab, preloaded with the heads this view picks out: a label's heads; for a score, the
+    heads inside a narrowed range, or the probe's labelled heads when the range is full."""
+    try:
+        with catalog.current().open(run) as r:
+            if view.startswith(LABEL):
+                chosen = r.label(view.removeprefix(LABEL))
+            else:
+                table = r.score(view.removeprefix(SCORE))
+                scale = figs.score_scale(table.name, table.values)
+                lo, hi = value_range or (scale.zmin, scale.zmax)
+                narrowed = lo > scale.zmin or hi < scale.zmax
+                chosen = (table.values >= lo) & (table.values <= hi) if narrowed else table.selected
+    except WorkbenchError:
+        return no_update, no_update
+    heads = [(int(la), int(h)) for la, h in zip(*np.nonzero(chosen), strict=True)]
+    if not heads:
+        return href("/lab", run=run), "intervention lab (no heads picked out here)"
+    shown = heads[:MAX_LAB_HEADS]
+    more = f" (first {MAX_LAB_HEADS})" if len(heads) > MAX_LAB_HEADS else ""
+    text = f"intervene on these {len(heads)} heads{more}"
+    return href("/lab", run=run, heads=",".join(f"{la}.{h}" for la, h in shown)), text
 
 
 def _label_rule(run, name: str) -> str:

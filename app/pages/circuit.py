@@ -90,7 +90,26 @@ def layout(run: str | None = None, name: str | None = None, **_q: str) -> html.D
 
 
 def _figure(circuit: Any):
+    """The circuit's own plot, with each edge's hover moved to its midpoint: an edge ends on
+    its nodes, and a hover there must find the node (whose click opens the head)."""
+    import plotly.graph_objects as go
+
     fig = circuit.plot()
+    edges = [t for t in fig.data if t.mode == "lines" and t.customdata is None]
+    for edge in edges:
+        edge.hoverinfo = "skip"
+    if edges:
+        fig.add_trace(
+            go.Scatter(
+                x=[sum(e.x) / 2 for e in edges],
+                y=[sum(e.y) / 2 for e in edges],
+                text=[e.text for e in edges],
+                mode="markers",
+                marker={"size": 10, "color": "rgba(0,0,0,0)"},
+                hoverinfo="text",
+                showlegend=False,
+            )
+        )
     fig.update_layout(
         font=FONT,
         margin={"l": 60, "r": 20, "t": 56, "b": 40},

@@ -250,9 +250,12 @@ def _walk(server: str, d) -> None:
     # Intervention lab: zero-ablate that head on next-token loss; a background job reports
     # progress and the result shows with/without, the CI and the matched random control
     d.get(server + "/lab?run=a.h5&heads=1.2")
+    examples = _wait(d, "#lab-n")
+    examples.clear()
+    examples.send_keys("8")
     _wait(d, "#lab-go").click()
     summary = _wait(d, "#lab-summary", timeout=90)
-    assert "zero[1.2]" in summary.text
+    assert "zero[1.2]" in summary.text and "8 examples" in summary.text
     table = d.find_element("id", "lab-table").text
     assert table.startswith("metric") and "loss" in table and "random control" in table
     assert "model loads in this server process so far: 1" in d.page_source
