@@ -290,7 +290,9 @@ class Loss:
 @dataclass
 class Toy:
     """The training task of a ``toy-*`` reference model (``toy-bb``, ``toy-recall``,
-    ``toy-ioi``): ``n`` fresh sequences drawn with ``seed``, scored at the task's positions."""
+    ``toy-ioi``): ``n`` fresh sequences drawn with ``seed``, scored at the task's positions.
+    An example is a sequence (its metrics averaged over its scored positions); sequences
+    without a scored position are left out."""
 
     model_name: str = "toy-ioi"
     n: int = 256
@@ -304,7 +306,7 @@ class Toy:
         sample = get_task(self.model_name).sample(self.n, self.seed)
         has_foil = bool((sample.wrong[sample.eval_mask] >= 0).all())
         self.metrics = ("accuracy", "logit_diff") if has_foil else ("accuracy",)
-        idx_all = list(range(self.n))
+        idx_all = [i for i in range(self.n) if bool(sample.eval_mask[i].any())]  # scored ones
         return [
             TaskBatch(
                 tokens=sample.input_ids[idx],
@@ -315,7 +317,7 @@ class Toy:
                     "wrong": sample.wrong[idx],
                 },
             )
-            for idx in [idx_all[s : s + batch_size] for s in range(0, self.n, batch_size)]
+            for idx in [idx_all[s : s + batch_size] for s in range(0, len(idx_all), batch_size)]
         ]
 
     def score(self, logits: Tensor, batch: TaskBatch) -> dict[str, Tensor]:
