@@ -19,10 +19,11 @@ Their sink-head heuristic is "row entropy below a threshold and column entropy a
 code takes both thresholds as arguments without published values, so the workbench reports the
 two entropies per domain and decides dormancy on the sink mass, the quantity the paper's figures
 show: a head is **dormant on a domain** when its mean sink mass there exceeds 0.5 (most of its
-attention is parked), active otherwise. It is **active-dormant** when it is dormant on at least one
-domain and active on another; the ``active_dormant`` score is the flip margin
-``min(max_d m_d − 0.5, 0.5 − min_d m_d)`` over the domains' sink masses m_d, positive exactly for
-those heads (label threshold 0).
+attention is parked), active otherwise. The ``active_dormant`` score is the flip margin
+``min(max_d m_d − 0.5, 0.5 − min_d m_d)`` over the domains' sink masses m_d: positive exactly when
+the head is dormant on one domain and active on another. A head is labelled **active-dormant**
+when the margin exceeds 0.1 (sink mass above 0.6 on one domain, below 0.4 on another), so that a
+head hovering at 0.5 is not called a flip; the workbench's choice, like the 0.5.
 
 Options: ``dormant_domains`` (comma list, default ``prose,code,synthetic``), ``dormant_prompts``
 (4 per domain), ``dormant_tokens`` (256), ``dormant_seed`` (0, for ``synthetic``).
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 DORMANT_THRESHOLD = 0.5
+FLIP_MARGIN = 0.1  # active_dormant label: > 0.6 on one domain and < 0.4 on another
 PREFIX = "dormant_"  # measurement keys are dormant_<domain>
 DEFINITIONS = {
     "sink_mass": "mean over queries of A[i, 0] (attention parked on the first token)",
@@ -182,8 +184,8 @@ class DormantProbe:
                     values=margin,
                     definition="flip margin min(max_d m_d - 0.5, 0.5 - min_d m_d) of the sink "
                     f"mass m_d over domains {', '.join(domains)}; > 0: dormant on one domain, "
-                    "active on another (Guo et al. 2024)",
-                    threshold=0.0,
+                    "active on another (Guo et al. 2024); labelled above 0.1",
+                    threshold=FLIP_MARGIN,
                     label="active_dormant",
                     parameters={"domains": domains, "dormant_threshold": DORMANT_THRESHOLD},
                 )

@@ -54,14 +54,14 @@ def test_domain_statistics_agree_across_paths(tiny_model):
 
 
 def test_active_dormant_flip_margin():
-    mass = {"prose": np.array([[0.9, 0.2, 0.6]]), "code": np.array([[0.1, 0.3, 0.7]])}
+    mass = {"prose": np.array([[0.9, 0.2, 0.6, 0.55]]), "code": np.array([[0.1, 0.3, 0.7, 0.45]])}
     stats = {
         f"dormant_{d}": {"sink_mass": m[None], "row_entropy": m[None]} for d, m in mass.items()
     }
     tables = {t.name: t for t in DormantProbe().score(stats)}
     flip = tables["active_dormant"]
-    np.testing.assert_allclose(flip.values, [[0.4, -0.2, -0.1]])
-    assert flip.selected.tolist() == [[True, False, False]]
+    np.testing.assert_allclose(flip.values, [[0.4, -0.2, -0.1, 0.05]])
+    assert flip.selected.tolist() == [[True, False, False, False]]  # 0.55 / 0.45 is no flip
     assert tables["sink_mass_prose"].label == "dormant_prose"
     assert tables["sink_mass_prose"].threshold == DORMANT_THRESHOLD
     frame = domain_table(tables)
