@@ -21,7 +21,7 @@ import dash
 from dash import Input, Output, dcc, html
 
 from app import catalog, compute
-from app.components import href
+from app.components import error_panel, href
 from app.jobs import ThreadJobManager
 
 # (module, path, menu title), in menu order
@@ -58,6 +58,7 @@ def create_app(
         background_callback_manager=ThreadJobManager(jobs_dir),
         suppress_callback_exceptions=True,
         title="Attention-head workbench",
+        on_error=_show_error,
     )
     for order, (module_name, path, title) in enumerate(PAGES):
         module = importlib.import_module(module_name)
@@ -76,10 +77,20 @@ def create_app(
                 ],
                 className="nav",
             ),
-            html.Main(dash.page_container, className="content"),
+            html.Main([html.Div(id="app-error"), dash.page_container], className="content"),
         ]
     )
     return app
+
+
+def _show_error(error: Exception) -> None:
+    """Any error a callback did not turn into a panel itself: shown above the page, logged with
+    its traceback, and the server goes on serving."""
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    message = str(error).split("\n", 1)[0] or type(error).__name__
+    dash.set_props("app-error", {"children": error_panel(message, title="Something failed")})
 
 
 def _preload(module: str) -> None:
@@ -88,13 +99,18 @@ def _preload(module: str) -> None:
 
 
 # Menu links keep the run that is open (``?run=``), so moving between views stays on it.
+# A new page also clears the last unexpected error.
 @dash.callback(
-    [Output(f"nav-{path.strip('/') or 'runs'}", "href") for _, path, _ in PAGES],
+    [
+        *(Output(f"nav-{path.strip('/') or 'runs'}", "href") for _, path, _ in PAGES),
+        Output("app-error", "children"),
+    ],
+    Input("_pages_location", "pathname"),
     Input("_pages_location", "search"),
 )
-def _carry_run(search: str | None) -> list[str]:
+def _carry_run(_path: str | None, search: str | None) -> list:
     run = parse_qs((search or "").lstrip("?")).get("run", [None])[0]
-    return [path if path == "/" else href(path, run=run) for _, path, _ in PAGES]
+    return [*(path if path == "/" else href(path, run=run) for _, path, _ in PAGES), None]
 
 
 def serve(

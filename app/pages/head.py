@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from dash import Input, Output, State, callback, dcc, html
 
-from app import catalog, compute
+from app import catalog, compute, jobs
 from app import figures as figs
 from app.components import error_panel, href, note, run_header
 from workbench.errors import WorkbenchError
@@ -110,11 +110,21 @@ def layout(
                         placeholder="type a prompt (used when 'typed text below' is chosen)",
                         className="textarea",
                     ),
-                    html.Button("show", id="head-show", className="button"),
                 ],
                 className="prompt-picker",
             ),
-            dcc.Loading(html.Div(id="head-views"), type="default"),
+            html.Div(
+                [
+                    html.Button("show", id="head-show", className="button"),
+                    html.Button(
+                        "cancel", id="head-cancel", className="button secondary", disabled=True
+                    ),
+                    html.Progress(id="head-progress", value="0", max="1"),
+                    html.Span("", id="head-progress-text", className="muted"),
+                ],
+                className="progress-row",
+            ),
+            html.Div(id="head-views"),
         ],
         className="page page-head",
     )
@@ -188,8 +198,21 @@ def _stat_rows(run, layer: int, head: int) -> html.Table:
     State("head-prompt", "value"),
     State("head-text", "value"),
     State("head-id", "data"),
+    background=True,
+    running=[
+        (Output("head-show", "disabled"), True, False),
+        (Output("head-cancel", "disabled"), False, True),
+    ],
+    progress=[
+        Output("head-progress", "value"),
+        Output("head-progress", "max"),
+        Output("head-progress-text", "children"),
+    ],
+    cancel=[Input("head-cancel", "n_clicks")],
 )
-def _views(_clicks: int | None, choice: str, typed: str | None, ident: dict):
+def _views(set_progress, _clicks: int | None, choice: str, typed: str | None, ident: dict):
+    """Long prompts take a while on a CPU: a background job in the server, with progress per
+    transformer block and a cancel button (:mod:`app.jobs`)."""
     cat = catalog.current()
     layer, head = ident["layer"], ident["head"]
     try:
@@ -201,6 +224,7 @@ def _views(_clicks: int | None, choice: str, typed: str | None, ident: dict):
                 stored = r.token_ids(measurement, int(index))
         if stored is None and not (typed or "").strip():
             return note("Type a prompt, then press show.")
+        set_progress(("0", "1", "loading the model…"))
         pool = compute.pool()
         model = pool.get(info)
         ids = (
@@ -208,8 +232,13 @@ def _views(_clicks: int | None, choice: str, typed: str | None, ident: dict):
             if stored is not None
             else model.tokenize(typed, MAX_TYPED_TOKENS)
         )
+
+        def on_block(i: int, n: int) -> None:
+            jobs.checkpoint()
+            set_progress((str(i), str(n), f"{ids.numel()} tokens: block {i + 1} of {n}"))
+
         with pool.lock(info):
-            positions = compute.head_positions(model, ids, layer, head)
+            positions = compute.head_positions(model, ids, layer, head, on_block)
             pattern = (
                 compute.head_pattern(model, ids, layer, head)
                 if ids.numel() <= compute.PATTERN_MAX_TOKENS
@@ -217,6 +246,7 @@ def _views(_clicks: int | None, choice: str, typed: str | None, ident: dict):
             )
     except WorkbenchError as e:
         return error_panel(str(e))
+    set_progress(("1", "1", f"{ids.numel()} tokens: done"))
     labels = compute.token_labels(model, ids.numpy())
     views: list = [
         note(

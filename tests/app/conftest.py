@@ -1,5 +1,6 @@
 """Run files for the explorer's tests: two scans of the tiny random GQA Llama (2 layers, 4 query
-heads, 2 KV heads) on different prompts, a corrupt file and a foreign HDF5 file."""
+heads, 2 KV heads) on different prompts (one holding a hand-made circuit), a scan of the toy-ioi
+reference model, a corrupt file and a foreign HDF5 file."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ PROMPTS_A = [
     "the dog ran to the park and the bird sat on the tree",
 ]
 PROMPTS_B = ["it was a big red house", "the sun was small and the night was blue"]
+TOY_IOI_PROMPTS = [
+    "When Mary and John went to the store , John gave a drink to",
+    "Then Alice and Bob went to the park , Bob gave a ball to",
+]
 
 
 def _prompts(path: Path, texts: list[str]) -> Path:
@@ -34,6 +39,11 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
             tiny_model, str(prompts), probes="sink,entropy", out=runs / f"{name}.h5", progress=False
         )
     _store_circuit(runs / "a.h5", tiny_model.info)
+    toy = workbench.load("toy-ioi", device="cpu")  # the lab ablates its known name mover
+    prompts = _prompts(root / "toy.jsonl", TOY_IOI_PROMPTS)
+    workbench.scan(
+        toy, str(prompts), probes="sink,entropy", out=runs / "toy-ioi.h5", progress=False
+    )
     (runs / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
     with h5py.File(runs / "foreign.h5", "w") as f:
         f["data"] = [1, 2, 3]

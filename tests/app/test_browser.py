@@ -219,6 +219,13 @@ def test_explorer_in_chromium(server: str, browser) -> None:
 
 def _walk(server: str, d) -> None:
 
+    # the server listens on this machine only
+    import psutil
+
+    listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    port = int(server.rsplit(":", 1)[1])
+    assert {c.laddr.ip for c in listening if c.laddr.port == port} == {"127.0.0.1"}
+
     # Runs: both scans listed; the corrupt and foreign files are error panels, not a crash
     d.get(server + "/")
     _wait(d, "table", text="a.h5")
@@ -247,23 +254,6 @@ def _walk(server: str, d) -> None:
     _page_fits(d)
     _screenshot(d, "head")
 
-    # Intervention lab: zero-ablate that head on next-token loss; a background job reports
-    # progress and the result shows with/without, the CI and the matched random control
-    d.get(server + "/lab?run=a.h5&heads=1.2")
-    examples = _wait(d, "#lab-n")
-    examples.clear()
-    examples.send_keys("8")
-    _wait(d, "#lab-go").click()
-    summary = _wait(d, "#lab-summary", timeout=90)
-    assert "zero[1.2]" in summary.text and "8 examples" in summary.text
-    table = d.find_element("id", "lab-table").text
-    assert table.startswith("metric") and "loss" in table and "random control" in table
-    assert "model loads in this server process so far: 1" in d.page_source
-    assert d.find_element("id", "lab-go").is_enabled()
-    _settle(d)
-    _page_fits(d)
-    _screenshot(d, "lab")
-
     # Compare: same model on two prompt sets, shared colour scale and the difference
     d.get(server + "/compare?a=a.h5&b=b.h5")
     _wait(d, "#compare-grid .heatmaplayer")
@@ -282,6 +272,31 @@ def _walk(server: str, d) -> None:
     _screenshot(d, "circuit")
     _click_scatter_point(d, "circuit-graph", [0, 3])
     _wait(d, "#head-title", text="Head L0 H3")
+
+    # Intervention lab on toy-ioi: zero its name mover 1.1 (its card: accuracy drops by 0.56,
+    # random heads by 0.01). A background job reports progress; the result shows the metric
+    # with and without, the CI and the matched random control.
+    d.get(server + "/lab?run=toy-ioi.h5&heads=1.1")
+    examples = _wait(d, "#lab-n")
+    examples.clear()
+    examples.send_keys("32")
+    _wait(d, "#lab-go").click()
+    summary = _wait(d, "#lab-summary", timeout=120)
+    assert "toy: 32 examples" in summary.text and "zero[1.1]" in summary.text
+    rows = {
+        cells[0].text: cells
+        for row in d.find_elements("css selector", "#lab-table tbody tr")
+        if (cells := row.find_elements("tag name", "td"))
+    }
+    accuracy_diff, control_diff = float(rows["accuracy"][3].text), float(rows["accuracy"][6].text)
+    assert accuracy_diff < 0 and abs(accuracy_diff) > abs(control_diff)
+    assert d.find_element("id", "lab-progress-text").text.endswith("batches scored")
+    # two models in this server (the tiny Llama, used by two head views, and toy-ioi): 2 loads
+    assert "model loads in this server process so far: 2" in d.page_source
+    assert d.find_element("id", "lab-go").is_enabled()
+    _settle(d)
+    _page_fits(d)
+    _screenshot(d, "lab")
 
     # Bad inputs: no path outside the runs directory, corrupt files are panels; still serving
     for key, message in (
