@@ -270,3 +270,54 @@ class RetrievalProbe:
                 )
             )
         return tables
+
+
+def report(run_path: str) -> str:
+    """Plain-text summary of a run's retrieval scores: per target length the counted trials and
+    the retrieval heads, the top heads, and (when both variants ran) how far they agree."""
+    from workbench.store import open_run
+
+    lines = []
+    with open_run(run_path) as run:
+        info = run.model
+        tables = {}
+        for v in VARIANTS:
+            key = f"needle_{v}"
+            if key not in run.measurement_names:
+                continue
+            per_trial = run.stat(key, "retrieval")  # [n_trials, n_layers, n_heads]
+            lengths = run.stat(key, "trial")[:, 2].astype(int)
+            recall = run.stat(key, "recall")
+            total = mean_over_counted(per_trial)
+            tables[v] = total
+            n_heads = total.size
+            lines.append(f"{v}: {info.name}, {len(per_trial)} trials")
+            for length in sorted(set(lengths)):
+                at = lengths == length
+                counted = np.isfinite(per_trial[at]).all(axis=(1, 2))
+                heads = int((mean_over_counted(per_trial[at]) > THRESHOLD).sum())
+                lines.append(
+                    f"  length {length}: {int(counted.sum())}/{int(at.sum())} trials counted "
+                    f"(mean recall {recall[at].mean():.2f}); {heads}/{n_heads} heads > "
+                    f"{THRESHOLD} ({heads / n_heads:.1%})"
+                )
+            heads = int((total > THRESHOLD).sum())
+            order = np.argsort(-np.nan_to_num(total, nan=-1).ravel(), kind="stable")[:10]
+            top = ", ".join(
+                f"{i // info.n_heads}.{i % info.n_heads} ({total.ravel()[i]:.2f})" for i in order
+            )
+            lines.append(
+                f"  all lengths: {heads}/{n_heads} heads > {THRESHOLD} ({heads / n_heads:.1%})"
+            )
+            lines.append(f"  top heads (layer.head): {top}")
+    if len(tables) == 2:
+        a, b = (np.nan_to_num(tables[v].ravel()) for v in VARIANTS)
+        sa, sb = a > THRESHOLD, b > THRESHOLD
+        top_a, top_b = (set(np.argsort(-x, kind="stable")[:10]) for x in (a, b))
+        lines.append(
+            f"agreement decode vs forced: Pearson r {np.corrcoef(a, b)[0, 1]:.3f}; heads > "
+            f"{THRESHOLD}: {int(sa.sum())} vs {int(sb.sum())}, shared {int((sa & sb).sum())} "
+            f"(Jaccard {(sa & sb).sum() / max(1, (sa | sb).sum()):.2f}); top-10 shared "
+            f"{len(top_a & top_b)}; max |difference| {np.abs(a - b).max():.2f}"
+        )
+    return "\n".join(lines)

@@ -148,7 +148,7 @@ def _cmd_evaluate_map(args: argparse.Namespace) -> None:
     from workbench.models import load
     from workbench.serving import evaluate_map, machine
     from workbench.store import open_run
-    from workbench.tasks.needle import needle_grid, toy_recall_grid
+    from workbench.tasks.needle import NEEDLES, needle_grid, toy_recall_grid
 
     policy = Policy(sink_size=args.sink_size, recent_size=args.recent_size, gqa_rule=args.gqa)
     with open_run(args.run) as run:
@@ -178,9 +178,10 @@ def _cmd_evaluate_map(args: argparse.Namespace) -> None:
         if task == "toy-recall":
             trials = toy_recall_grid(args.lengths, args.depths, args.trials, seed=args.seed)
         else:
-            trials = needle_grid(
-                model.tokenizer, args.lengths, args.depths, args.needles, args.seed
-            )
+            if any(not 0 <= i < len(NEEDLES) for i in args.needle or []):
+                raise WorkbenchError(f"--needle takes 0..{len(NEEDLES) - 1}, got {args.needle}")
+            needles = [NEEDLES[i] for i in args.needle] if args.needle else args.needles
+            trials = needle_grid(model.tokenizer, args.lengths, args.depths, needles, args.seed)
     except ValueError as e:
         raise WorkbenchError(str(e)) from None
     with tqdm(total=1, desc="evaluate-map", disable=args.quiet, file=sys.stderr) as bar:
@@ -401,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=_numbers(int), default=[512, 1024, 2048])
     p.add_argument("--depths", type=_numbers(float), default=[0.25, 0.5, 0.75])
     p.add_argument("--needles", type=int, default=2, help="prose task: the first n needles")
+    p.add_argument(
+        "--needle",
+        type=int,
+        action="append",
+        help="prose task: this needle only (index into workbench.tasks.needle.NEEDLES; repeatable)",
+    )
     p.add_argument("--trials", type=int, default=4, help="toy-recall task: trials per cell")
     p.add_argument("--task", choices=["auto", "prose", "toy-recall"], default="auto")
     p.add_argument("--sink-size", type=int, default=4, help="sink tokens of streaming heads")
@@ -460,8 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="spec option for --sweep/--self-repair (factor=2, beta=0.4, sinks=[0])",
     )  # fmt: skip
     p.add_argument("--kind", default="zero", help="intervention kind for --self-repair")
-    p.add_argument("--heads", metavar="L.H,...", help="heads to sweep (default: all)")
-    p.add_argument("--scores", metavar="RUN", help="sweep the top-k heads of a run's score")
+    p.add_argument(
+        "--heads", metavar="L.H,...",
+        help="heads to sweep (default: all); with --spec, heads the random control never uses",
+    )  # fmt: skip
+    p.add_argument(
+        "--scores", metavar="RUN",
+        help="top-k heads of a run's score: swept, or (with --spec) kept out of the control",
+    )  # fmt: skip
     p.add_argument("--score", help="score table name in --scores")
     p.add_argument("--top-k", type=int, help="how many top heads (default 10)")
     p.add_argument("--controls", type=int, default=3, help="random-head control draws (0: none)")
