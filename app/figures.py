@@ -211,6 +211,7 @@ def _grid_axes(fig: go.Figure, info: ModelInfo, row: int | None = None, col: int
         tickvals=list(range(0, info.n_heads, step)),
         showgrid=False,
         zeroline=False,
+        range=[-0.5, info.n_heads - 0.5],  # exactly the grid: label dots add no padding
         constrain="domain",
         row=row,
         col=col,
@@ -218,7 +219,7 @@ def _grid_axes(fig: go.Figure, info: ModelInfo, row: int | None = None, col: int
     ystep = 1 if info.n_layers <= 16 else 2
     fig.update_yaxes(
         title_text="layer",
-        autorange="reversed",
+        range=[info.n_layers - 0.5, -0.5],  # layer 0 on top
         tickmode="array",
         tickvals=list(range(0, info.n_layers, ystep)),
         showgrid=False,
@@ -361,22 +362,32 @@ def compare_heatmaps(
     values_a: np.ndarray,
     info_b: ModelInfo,
     values_b: np.ndarray,
-    name: str,
+    names: tuple[str, str],
     *,
     titles: tuple[str, str],
 ) -> go.Figure:
-    """Side-by-side atlases of one score with one shared colour scale, plus their difference
-    (B − A, diverging, heads whose label flips outlined) when both runs have the same shape."""
-    scale = score_scale(name, values_a, values_b)
-    same = values_a.shape == values_b.shape
-    cols = 3 if same else 2
+    """Side-by-side atlases, plus their difference (B − A, diverging) when both have the same
+    shape. One score in both: one shared colour scale spanning both tables. Two scores (two
+    domains' tables, say): each keeps its own scale, as everywhere else in the explorer."""
+    same_score = names[0] == names[1]
+    if same_score:
+        scales = (score_scale(names[0], values_a, values_b),) * 2
+    else:
+        scales = (score_scale(names[0], values_a), score_scale(names[1], values_b))
+    same_shape = values_a.shape == values_b.shape
+    cols = 3 if same_shape else 2
     fig = make_subplots(
         rows=1,
         cols=cols,
-        subplot_titles=(*titles, "difference B − A") if same else titles,
-        horizontal_spacing=0.09,
+        subplot_titles=(*titles, "difference B − A") if same_shape else titles,
+        horizontal_spacing=0.1,
     )
-    for col, (info, values) in enumerate(((info_a, values_a), (info_b, values_b)), start=1):
+    # colour bars right of each panel that needs one (x in paper coordinates)
+    right_edge = {2: (0.45, 1.0), 3: (0.27, 0.63, 1.0)}[cols]
+    panels = ((info_a, values_a, names[0]), (info_b, values_b, names[1]))
+    for col, (info, values, name) in enumerate(panels, start=1):
+        scale = scales[col - 1]
+        show = col == 2 or not same_score
         fig.add_trace(
             go.Heatmap(
                 z=values,
@@ -385,10 +396,8 @@ def compare_heatmaps(
                 zmax=scale.zmax,
                 text=_hover(info, name),
                 hovertemplate="%{text} = %{z:.3f}<extra></extra>",
-                colorbar={"x": 0.62 if same else 1.0, "thickness": 10, "len": 0.9}
-                if col == 2
-                else None,
-                showscale=col == 2,
+                colorbar={"x": right_edge[col - 1], "thickness": 10, "len": 0.9},
+                showscale=show,
                 xgap=1,
                 ygap=1,
             ),
@@ -397,7 +406,7 @@ def compare_heatmaps(
         )
         _kv_decorations(fig, info, col)
         _grid_axes(fig, info, 1, col)
-    if same:
+    if same_shape:
         diff = values_b - values_a
         bound = float(np.nanmax(np.abs(diff))) or 1.0
         fig.add_trace(
@@ -406,7 +415,7 @@ def compare_heatmaps(
                 colorscale=DIFF_SCALE,
                 zmin=-bound,
                 zmax=bound,
-                text=_hover(info_a, f"{name} B − A"),
+                text=_hover(info_a, "B − A"),
                 hovertemplate="%{text} = %{z:+.3f}<extra></extra>",
                 colorbar={"x": 1.0, "thickness": 10, "len": 0.9},
                 xgap=1,
@@ -442,6 +451,6 @@ def depth_profile(
             )
         )
     fig.update_xaxes(title_text="relative depth (layer / last layer)", range=[-0.02, 1.02])
-    fig.update_yaxes(title_text=f"mean {name} over heads")
+    fig.update_yaxes(title_text=f"mean {name} over heads" if name else "mean over heads")
     fig.update_layout(legend={"orientation": "h", "y": -0.25})
     return _layout(fig, height=360, title=title)

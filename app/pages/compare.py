@@ -19,7 +19,11 @@ from workbench.errors import WorkbenchError
 
 
 def layout(
-    a: str | None = None, b: str | None = None, score: str | None = None, **_q: str
+    a: str | None = None,
+    b: str | None = None,
+    score: str | None = None,
+    score_b: str | None = None,
+    **_q: str,
 ) -> html.Div:
     cat = catalog.current()
     good = [e.key for e in cat.entries() if e.ok]
@@ -35,22 +39,21 @@ def layout(
     )
     body: list = [html.H2("Compare"), picker]
     if not (a and b):
-        body.append(note("Choose two runs."))
+        body.append(note("Choose two runs, or one run twice to compare two of its scores."))
         return html.Div(body, className="page")
     try:
         with cat.open(a) as ra, cat.open(b) as rb:
-            common = [n for n in ra.score_names if n in rb.score_names]
-            if not common:
-                raise WorkbenchError(
-                    f"{a} ({', '.join(ra.score_names)}) and {b} ({', '.join(rb.score_names)}) "
-                    "share no score"
-                )
+            names_a, names_b = ra.score_names, rb.score_names
             info_a, info_b = ra.model, rb.model
+        if not names_a or not names_b:
+            raise WorkbenchError(f"{a if not names_a else b} holds no score tables")
     except WorkbenchError as e:
         body.append(error_panel(str(e)))
         return html.Div(body, className="page")
-    preferred = [name for name in PREFERRED if name in common]
-    score = score if score in common else (preferred or common)[0]
+    common = [n for n in names_a if n in names_b]
+    preferred = [n for n in PREFERRED if n in common] or common
+    score = score if score in names_a else (preferred or names_a)[0]
+    score_b = score_b if score_b in names_b else (score if score in names_b else names_b[0])
     body += [
         html.Div(
             [
@@ -74,10 +77,22 @@ def layout(
         dcc.Store(id="compare-runs", data={"a": a, "b": b}),
         html.Div(
             [
-                html.Label("score", htmlFor="compare-score"),
-                dcc.Dropdown(common, score, id="compare-score", clearable=False),
+                html.Div(
+                    [
+                        html.Label("score in A", htmlFor="compare-score"),
+                        dcc.Dropdown(names_a, score, id="compare-score", clearable=False),
+                    ],
+                    className="control",
+                ),
+                html.Div(
+                    [
+                        html.Label("score in B (another domain's table, say)"),
+                        dcc.Dropdown(names_b, score_b, id="compare-score-b", clearable=False),
+                    ],
+                    className="control",
+                ),
             ],
-            className="control section",
+            className="row two-col section",
         ),
         dcc.Loading(html.Div(id="compare-views")),
     ]
@@ -96,21 +111,30 @@ def _go(a: str | None, b: str | None) -> str:
 @callback(
     Output("compare-views", "children"),
     Input("compare-score", "value"),
+    Input("compare-score-b", "value"),
     State("compare-runs", "data"),
 )
-def _views(score: str, runs: dict):
+def _views(score_a: str, score_b: str, runs: dict):
     cat = catalog.current()
     try:
         with cat.open(runs["a"]) as ra, cat.open(runs["b"]) as rb:
-            ta, tb = ra.score(score), rb.score(score)
+            ta, tb = ra.score(score_a), rb.score(score_b)
             info_a, info_b = ra.model, rb.model
     except WorkbenchError as e:
         return error_panel(str(e))
     fig = figs.compare_heatmaps(
-        info_a, ta.values, info_b, tb.values, score, titles=(f"A: {runs['a']}", f"B: {runs['b']}")
+        info_a,
+        ta.values,
+        info_b,
+        tb.values,
+        (score_a, score_b),
+        titles=(f"A: {runs['a']} · {score_a}", f"B: {runs['b']} · {score_b}"),
     )
+    definitions = [html.P([html.Strong(score_a + ": "), ta.definition], className="muted")]
+    if score_b != score_a:
+        definitions.append(html.P([html.Strong(score_b + ": "), tb.definition], className="muted"))
     views: list = [
-        html.P([html.Strong(score + ": "), ta.definition], className="muted"),
+        *definitions,
         dcc.Graph(id="compare-grid", figure=fig, config={"displaylogo": False}),
     ]
     if ta.values.shape == tb.values.shape:
@@ -121,31 +145,32 @@ def _views(score: str, runs: dict):
         dcc.Graph(
             id="compare-depth",
             figure=figs.depth_profile(
-                [("A", info_a, ta.values), ("B", info_b, tb.values)],
-                score,
-                title=f"{score} by relative depth",
+                [(f"A · {score_a}", info_a, ta.values), (f"B · {score_b}", info_b, tb.values)],
+                score_a if score_a == score_b else "",
+                title="by relative depth",
             ),
             config={"displaylogo": False},
         )
     )
-    if ta.label:
-        share_a, share_b = ta.selected.mean(), tb.selected.mean()
+    if ta.label or tb.label:
         views.append(
             html.P(
-                f"heads labelled {ta.label}: A {share_a:.1%} ({int(ta.selected.sum())}), "
-                f"B {share_b:.1%} ({int(tb.selected.sum())})"
+                f"heads labelled: A {ta.label or '—'} {ta.selected.mean():.1%} "
+                f"({int(ta.selected.sum())}), B {tb.label or '—'} {tb.selected.mean():.1%} "
+                f"({int(tb.selected.sum())})"
             )
         )
     return html.Div(views)
 
 
 def _changes(runs: dict, ta, tb, info) -> list:
+    labelled = bool(ta.label and tb.label)
     diff = tb.values - ta.values  # [n_layers, n_heads]
     order = np.argsort(-np.nan_to_num(np.abs(diff), nan=-1.0), axis=None)[:10]
     rows = []
     for flat in order:
         layer, head = divmod(int(flat), info.n_heads)
-        flipped = bool(ta.label) and ta.selected[layer, head] != tb.selected[layer, head]
+        flipped = labelled and ta.selected[layer, head] != tb.selected[layer, head]
         rows.append(
             html.Tr(
                 [
@@ -169,10 +194,10 @@ def _changes(runs: dict, ta, tb, info) -> list:
                 className="changed" if flipped else "",
             )
         )
-    flips = int((ta.selected != tb.selected).sum()) if ta.label else 0
+    flips = int((ta.selected != tb.selected).sum()) if labelled else 0
     return [
         html.H3("Largest changes"),
-        note(f"{flips} heads change label {ta.label}." if ta.label else "No label on this score."),
+        note(f"{flips} heads change label {ta.label}." if labelled else "No label on both scores."),
         html.Table(
             [
                 html.Thead(

@@ -56,3 +56,19 @@ def test_parse_heads() -> None:
         parse_heads("4.0", info)
     with pytest.raises(ValueError, match="not a head"):
         parse_heads("three", info)
+
+
+def test_compare_keeps_each_scores_colour_scale() -> None:
+    info = _info(4, 8, 2)
+    rng = np.random.default_rng(1)
+    a, b = rng.random((4, 8)), rng.random((4, 8)) * 3
+    one = figs.compare_heatmaps(info, a, info, b, ("sink", "sink"), titles=("A", "B"))
+    shown = [t.showscale for t in one.data]
+    assert shown == [False, True, None] and one.data[0].zmax == one.data[1].zmax == b.max()
+    two = figs.compare_heatmaps(info, a, info, b, ("sink", "entropy"), titles=("A", "B"))
+    assert two.data[0].colorscale != two.data[1].colorscale  # Viridis vs Cividis, as on the atlas
+    assert (two.data[0].zmin, two.data[0].zmax) == (0, 1)
+    assert np.allclose(two.data[2].z, b - a)  # the difference panel
+    mixed = figs.compare_heatmaps(info, a, _info(6, 8, 4), rng.random((6, 8)), ("sink", "sink"),
+                                  titles=("A", "B"))  # fmt: skip
+    assert len(mixed.data) == 2  # different shapes: no difference panel
