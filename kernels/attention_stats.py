@@ -314,6 +314,7 @@ if triton is not None:
         HAS_PAD: tl.constexpr,
         HAS_OUTSIDE: tl.constexpr,
         RETURN_OUTPUT: tl.constexpr,
+        DEFAULT_POS: tl.constexpr,
         DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -331,7 +332,11 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = offs_m < q_len
-        qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1)  # [BLOCK_M] absolute key positions
+        # [BLOCK_M] absolute key positions; by default the last q_len keys (no tensor needed)
+        if DEFAULT_POS:
+            qpos = tl.where(row_ok, offs_m + (k_len - q_len), -1)
+        else:
+            qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1).to(tl.int32)
 
         q_ptrs = (
             Q
@@ -534,8 +539,8 @@ if triton is not None:
             tl.store(OUTSIDE + row, tl.where(valid, outside / l_safe, 0.0), mask=row_ok)
         span_base = SPANS + b.to(tl.int64) * stride_span_b
         for n in range(0, n_spans):
-            start = tl.load(span_base + 2 * n)
-            end = tl.load(span_base + 2 * n + 1)
+            start = tl.load(span_base + 2 * n).to(tl.int32)
+            end = tl.load(span_base + 2 * n + 1).to(tl.int32)
             c_span = _range_sum(
                 q,
                 K_head,
@@ -580,44 +585,48 @@ def _triton_stats(
     return_output: bool,
     config: tuple[int, int, int, int] | None = None,
 ) -> AttentionStats:
-    """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`."""
+    """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`.
+
+    The host side is a handful of allocations and one launch, no other kernels and no sync: at
+    4K tokens the whole pass takes a few hundred microseconds, so every extra torch op shows.
+    """
     batch, n_heads, q_len, d_head = q.shape
     n_kv, k_len = k.shape[1], k.shape[2]
     dev = q.device
-    f32 = {"dtype": torch.float32, "device": dev}
-    lse = torch.empty(batch, n_heads, q_len, **f32)  # [batch, n_heads, q_len]
-    ent = torch.empty_like(lse)
-    maxp = torch.empty_like(lse)
-    sink = torch.empty_like(lse)
+    n_f32 = 5 if recent_window is not None else 4
+    # lse, entropy, max_prob, sink (, outside): each [batch, n_heads, q_len], one allocation
+    fields = torch.empty(n_f32, batch, n_heads, q_len, dtype=torch.float32, device=dev).unbind(0)
+    lse, ent, maxp, sink = fields[:4]
+    outside = fields[4] if recent_window is not None else None
     arg = torch.empty(batch, n_heads, q_len, dtype=torch.int64, device=dev)
-    outside = torch.empty_like(lse) if recent_window is not None else None
     n_spans = 0 if a.spans is None else a.spans.shape[1]
-    span_mass = torch.empty(batch, n_heads, q_len, n_spans, **f32) if n_spans else None
+    span_mass = (
+        torch.empty(batch, n_heads, q_len, n_spans, dtype=torch.float32, device=dev)
+        if n_spans
+        else None
+    )
     out = None
     d_v = d_head if v is None else v.shape[-1]
     if return_output:
-        out = torch.empty(batch, n_heads, q_len, d_v, dtype=v.dtype, device=dev)
+        # written in [batch, q_len, n_heads, d_v] memory order, the layout attention modules
+        # hand on (their transpose(1, 2).contiguous() is then free)
+        out = torch.empty(batch, q_len, n_heads, d_v, dtype=v.dtype, device=dev).transpose(1, 2)
     if q_len == 0:
         return AttentionStats(lse, ent, maxp, arg, sink, span_mass, outside, out)
-    qpos = a.q_positions.to(torch.int32)
-    spans = (
-        a.spans.to(torch.int32).contiguous()
-        if n_spans
-        else torch.zeros(1, 1, 2, dtype=torch.int32, device=dev)
-    )
     pad = a.key_padding_mask
-    pad_arg = pad.to(torch.int8).contiguous() if pad is not None else qpos  # qpos: unused dummy
+    if pad is not None:
+        pad = pad.view(torch.int8) if pad.stride(1) == 1 else pad.contiguous().view(torch.int8)
     vv = v if v is not None else k  # unread dummy when no output is requested
-    oo = out if out is not None else lse.new_empty(1, 1, 1, 1)
+    oo = out if out is not None else q  # unwritten dummy
     block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda, return_output)
     grid = (triton.cdiv(q_len, block_m), batch * n_heads)
     _stats_fwd[grid](
         q,
         k,
         vv,
-        qpos,
-        pad_arg,
-        spans,
+        lse if a.q_positions is None else a.q_positions,  # unread with default positions
+        pad if pad is not None else lse,  # unread dummy
+        a.spans if n_spans else lse,
         lse,
         ent,
         maxp,
@@ -630,8 +639,8 @@ def _triton_stats(
         *k.stride(),
         *vv.stride(),
         *oo.stride(),
-        pad_arg.stride(0) if pad is not None else 0,
-        spans.stride(0) if spans.shape[0] > 1 else 0,
+        pad.stride(0) if pad is not None else 0,
+        a.spans.stride(0) if n_spans and a.spans.shape[0] > 1 else 0,
         n_heads,
         n_heads // n_kv,
         q_len,
@@ -646,6 +655,7 @@ def _triton_stats(
         HAS_PAD=pad is not None,
         HAS_OUTSIDE=recent_window is not None,
         RETURN_OUTPUT=return_output,
+        DEFAULT_POS=a.q_positions is None,
         DOT_PREC=dot_precision(q.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -724,6 +734,7 @@ def attention_stats(
         spans=spans,
         sink_size=sink_size,
         recent_window=recent_window,
+        materialize_positions=False,
     )
     if not a.scale > 0 or not math.isfinite(a.scale):
         raise ValueError(f"scale must be positive and finite, got {a.scale}")

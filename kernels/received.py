@@ -59,6 +59,7 @@ if triton is not None:
         acc,
         Q_head,
         LSE_row,
+        QMASK_row,
         QPOS,
         start_m,
         offs_m_base,
@@ -66,28 +67,40 @@ if triton is not None:
         offs_n,
         kT,
         q_len,
+        k_len,
         stride_qm,
         stride_qd,
         qk_scale,
         d_head: tl.constexpr,
         MASKED: tl.constexpr,
         CAUSAL: tl.constexpr,
+        HAS_QMASK: tl.constexpr,
+        DEFAULT_POS: tl.constexpr,
         DOT_PREC: tl.constexpr,
     ):
         """Add the probabilities of one query block to the [BLOCK_M, BLOCK_N] column tile."""
         offs_m = start_m + offs_m_base  # [BLOCK_M]
         q_ptrs = Q_head + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        row_ok = offs_m < q_len
         if MASKED:
-            row_ok = offs_m < q_len
             q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d_head), other=0.0)
-            lse2 = tl.load(LSE_row + offs_m, mask=row_ok, other=float("inf"))
+            lse = tl.load(LSE_row + offs_m, mask=row_ok, other=-float("inf"))
         else:
             q = _load_rows(q_ptrs, offs_d, d_head)
-            lse2 = tl.load(LSE_row + offs_m)
+            lse = tl.load(LSE_row + offs_m)
+        # rows that must not contribute (fully masked: lse = -inf; unselected) get lse2 = +inf,
+        # so their probabilities are exactly 0 without a per-score mask
+        lse2 = tl.where(lse == -float("inf"), float("inf"), lse * 1.4426950408889634)
+        if HAS_QMASK:
+            keep = tl.load(QMASK_row + offs_m, mask=row_ok, other=0)
+            lse2 = tl.where(keep != 0, lse2, float("inf"))
         s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED and CAUSAL:
-            qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1)
+            if DEFAULT_POS:
+                qpos = offs_m + (k_len - q_len)
+            else:
+                qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1).to(tl.int32)
             p = tl.where(offs_n[None, :] <= qpos[:, None], p, 0.0)
         return acc + p
 
@@ -96,7 +109,9 @@ if triton is not None:
         Q,
         K,
         QPOS,
-        LSE2,
+        LSE,
+        QMASK,
+        PAD,
         Q_LO,
         Q_UN,
         OUT,
@@ -108,6 +123,8 @@ if triton is not None:
         stride_kh,
         stride_kn,
         stride_kd,
+        stride_qmask_b,
+        stride_pad_b,
         n_heads,
         group,
         q_len,
@@ -115,6 +132,10 @@ if triton is not None:
         qk_scale,
         d_head: tl.constexpr,
         CAUSAL: tl.constexpr,
+        HAS_QMASK: tl.constexpr,
+        HAS_PAD: tl.constexpr,
+        DEFAULT_POS: tl.constexpr,
+        RANGES: tl.constexpr,
         DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -135,50 +156,59 @@ if triton is not None:
         k = tl.load(k_ptrs, mask=col_ok[:, None] & (offs_d[None, :] < d_head), other=0.0)
         kT = tl.trans(k)  # [BLOCK_D, BLOCK_N]
         Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        LSE_row = LSE2 + pid_bh.to(tl.int64) * q_len
+        LSE_row = LSE + pid_bh.to(tl.int64) * q_len
+        QMASK_row = QMASK + b.to(tl.int64) * stride_qmask_b
 
         # Query blocks: [lo, un) need the causal mask, [un, n_full) none, the tail needs bounds.
         n_full = q_len // BLOCK_M
-        lo = tl.load(Q_LO + pid_n)
+        if RANGES:  # from the host (sorted q_positions)
+            lo = tl.load(Q_LO + pid_n)
+            un = tl.load(Q_UN + pid_n)
+        elif DEFAULT_POS and CAUSAL:  # query row i sits at key i + k_len - q_len
+            first = pid_n * BLOCK_N - (k_len - q_len)
+            last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, k_len) - 1 - (k_len - q_len)
+            lo = tl.minimum(tl.maximum(first, 0), q_len) // BLOCK_M
+            un = tl.cdiv(tl.minimum(tl.maximum(last, 0), q_len), BLOCK_M)
+        elif CAUSAL:  # unsorted positions: every block masked
+            lo = 0
+            un = tl.cdiv(q_len, BLOCK_M)
+        else:
+            lo = 0
+            un = 0
         lo_c = tl.minimum(lo, n_full)
-        un = tl.minimum(tl.maximum(tl.load(Q_UN + pid_n), lo_c), n_full)
+        un = tl.minimum(tl.maximum(un, lo_c), n_full)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for mb in range(lo_c, un):
             acc = _received_block(
-                acc, Q_head, LSE_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n, kT,
-                q_len, stride_qm, stride_qd, qk_scale, d_head, True, CAUSAL, DOT_PREC,
+                acc, Q_head, LSE_row, QMASK_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n,
+                kT, q_len, k_len, stride_qm, stride_qd, qk_scale, d_head, True, CAUSAL,
+                HAS_QMASK, DEFAULT_POS, DOT_PREC,
             )  # fmt: skip
         for mb in range(un, n_full):
             acc = _received_block(
-                acc, Q_head, LSE_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n, kT,
-                q_len, stride_qm, stride_qd, qk_scale, d_head, False, CAUSAL, DOT_PREC,
+                acc, Q_head, LSE_row, QMASK_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n,
+                kT, q_len, k_len, stride_qm, stride_qd, qk_scale, d_head, False, CAUSAL,
+                HAS_QMASK, DEFAULT_POS, DOT_PREC,
             )  # fmt: skip
         for mb in range(tl.maximum(n_full, lo), tl.cdiv(q_len, BLOCK_M)):
             acc = _received_block(
-                acc, Q_head, LSE_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n, kT,
-                q_len, stride_qm, stride_qd, qk_scale, d_head, True, CAUSAL, DOT_PREC,
+                acc, Q_head, LSE_row, QMASK_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n,
+                kT, q_len, k_len, stride_qm, stride_qd, qk_scale, d_head, True, CAUSAL,
+                HAS_QMASK, DEFAULT_POS, DOT_PREC,
             )  # fmt: skip
         out = tl.sum(acc, axis=0)  # [BLOCK_N]
+        if HAS_PAD:  # padding keys receive 0
+            real = tl.load(PAD + b.to(tl.int64) * stride_pad_b + offs_n, mask=col_ok, other=0)
+            out = tl.where(real != 0, out, 0.0)
         tl.store(OUT + pid_bh.to(tl.int64) * k_len + offs_n, out, mask=col_ok)
 
 
 def _query_block_ranges(
-    q_positions: Tensor, k_len: int, block_m: int, block_n: int, causal: bool, is_sorted: bool
+    q_positions: Tensor, k_len: int, block_m: int, block_n: int
 ) -> tuple[Tensor, Tensor]:
-    """Per key block: the first query block that sees any of it and the first from which every
-    query sees all of it (int32 [n_key_blocks] each)."""
-    dev = q_positions.device
-    n_kb = triton.cdiv(k_len, block_n)
-    n_qb = triton.cdiv(q_positions.shape[0], block_m)
-    if not causal:
-        zero = torch.zeros(n_kb, dtype=torch.int32, device=dev)
-        return zero, zero
-    if not is_sorted:
-        return (
-            torch.zeros(n_kb, dtype=torch.int32, device=dev),
-            torch.full((n_kb,), n_qb, dtype=torch.int32, device=dev),
-        )
-    first = torch.arange(n_kb, device=dev) * block_n  # [n_kb] first key of each block
+    """Per key block, for sorted ``q_positions``: the first query block that sees any of it and
+    the first from which every query sees all of it (int32 [n_key_blocks] each)."""
+    first = torch.arange(0, k_len, block_n, device=q_positions.device)  # [n_kb] first keys
     last = torch.clamp(first + block_n, max=k_len) - 1
     lo = torch.searchsorted(q_positions, first) // block_m
     un = (torch.searchsorted(q_positions, last) + block_m - 1) // block_m
@@ -220,7 +250,10 @@ def received_attention(
         )  # fmt: skip
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the triton backend takes fp32/fp16/bf16 inputs, got {q.dtype}")
-    a = check_args(q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask)
+    a = check_args(
+        q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask,
+        materialize_positions=False,
+    )  # fmt: skip
     if not a.scale > 0 or not math.isfinite(a.scale):
         raise ValueError(f"scale must be positive and finite, got {a.scale}")
     return _triton_received(q, k, lse, a, causal=causal, query_mask=query_mask)
@@ -236,28 +269,39 @@ def _triton_received(
     query_mask: Tensor | None,
     config: tuple[int, int, int, int] | None = None,
 ) -> Tensor:
-    """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`."""
+    """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`.
+
+    One allocation and one launch for the default query positions: the natural-log ``lse``,
+    the query mask and the padding mask are read by the kernel as they are.
+    """
     batch, n_heads, q_len, d_head = q.shape
     n_kv, k_len = k.shape[1], k.shape[2]
-    out = torch.zeros(batch, n_heads, k_len, dtype=torch.float32, device=q.device)
     if q_len == 0 or k_len == 0:
-        return out
-    keep = torch.isfinite(lse)  # [batch, n_heads, q_len]
+        return torch.zeros(batch, n_heads, k_len, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, n_heads, k_len, dtype=torch.float32, device=q.device)
+    lse = lse.to(device=q.device, dtype=torch.float32).contiguous()  # no-op for stats' lse
+    qmask = None
     if query_mask is not None:
-        keep = keep & query_mask.to(q.device)[:, None, :]
-    lse2 = torch.where(keep, lse.float() * _LOG2E, math.inf).contiguous()
-    is_sorted = a.default_positions or bool((a.q_positions[1:] >= a.q_positions[:-1]).all())
+        qmask = query_mask.to(q.device)
+        qmask = (qmask if qmask.stride(1) == 1 else qmask.contiguous()).view(torch.int8)
+    pad = a.key_padding_mask
+    if pad is not None:
+        pad = (pad if pad.stride(1) == 1 else pad.contiguous()).view(torch.int8)
     block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda)
-    q_lo, q_un = _query_block_ranges(a.q_positions, k_len, block_m, block_n, causal, is_sorted)
+    ranges = causal and a.q_positions is not None and a.sorted_positions
+    q_lo = q_un = out  # unread dummies unless ranges
+    if ranges:
+        q_lo, q_un = _query_block_ranges(a.q_positions, k_len, block_m, block_n)
     grid = (triton.cdiv(k_len, block_n), batch * n_heads)
     _received_fwd[grid](
-        q, k, a.q_positions.to(torch.int32), lse2, q_lo, q_un, out,
+        q, k, out if a.q_positions is None else a.q_positions, lse,
+        out if qmask is None else qmask, out if pad is None else pad, q_lo, q_un, out,
         *q.stride(), *k.stride(),
+        0 if qmask is None else qmask.stride(0), 0 if pad is None else pad.stride(0),
         n_heads, n_heads // n_kv, q_len, k_len, a.scale * _LOG2E,
-        d_head=d_head, CAUSAL=causal, DOT_PREC=dot_precision(q.dtype),
+        d_head=d_head, CAUSAL=causal, HAS_QMASK=qmask is not None, HAS_PAD=pad is not None,
+        DEFAULT_POS=a.q_positions is None, RANGES=ranges, DOT_PREC=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_next_pow2(d_head),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if a.key_padding_mask is not None:
-        out.masked_fill_(~a.key_padding_mask[:, None, :], 0.0)
     return out

@@ -114,10 +114,12 @@ class _Args:
     """Validated, normalised arguments (shapes in comments)."""
 
     scale: float
-    q_positions: Tensor  # [q_len] int64 on q's device
+    # [q_len] int64 on q's device; None for the default positions when not materialised
+    q_positions: Tensor | None
     key_padding_mask: Tensor | None  # [batch, k_len] bool
     spans: Tensor | None  # [batch or 1, n_spans, 2] int64 on q's device
     default_positions: bool  # q_positions == arange(k_len - q_len, k_len)
+    sorted_positions: bool  # q_positions non-decreasing
 
 
 def _shape(t: Tensor) -> str:
@@ -162,8 +164,15 @@ def check_args(
     spans: SpansLike | None = None,
     sink_size: int = 0,
     recent_window: int | None = None,
+    materialize_positions: bool = True,
 ) -> _Args:
-    """Validate and normalise the keyword arguments shared by all kernels."""
+    """Validate and normalise the keyword arguments shared by all kernels.
+
+    Nothing here waits for the GPU unless ``q_positions`` is already a GPU tensor (its range is
+    then checked there, one sync): lists and CPU tensors are checked on the CPU and sent with a
+    non-blocking copy; span lists are cached on the device. The Triton paths pass
+    ``materialize_positions=False`` and derive the default positions inside the kernels.
+    """
     batch, _, q_len, d_head = q.shape
     k_len = k.shape[2]
     if scale is None:
@@ -174,22 +183,16 @@ def check_args(
         raise ValueError(f"recent_window must be >= 1 or None, got {recent_window}")
 
     default_positions = q_positions is None
+    is_sorted = True
     if q_positions is None:
         if q_len > k_len:
             raise ValueError(
                 f"q_len ({q_len}) > k_len ({k_len}): pass q_positions to place the queries"
             )
-        q_positions = torch.arange(k_len - q_len, k_len, device=q.device)
+        if materialize_positions:
+            q_positions = torch.arange(k_len - q_len, k_len, device=q.device)
     else:
-        q_positions = torch.as_tensor(q_positions, device=q.device)
-        if q_positions.shape != (q_len,) or q_positions.is_floating_point():
-            raise ValueError(
-                f"q_positions must be an integer tensor [q_len={q_len}], "
-                f"got {q_positions.dtype} {_shape(q_positions)}"
-            )
-        q_positions = q_positions.long()
-        if q_len and bool((q_positions < 0).any() | (q_positions >= k_len).any()):
-            raise ValueError(f"q_positions must lie in [0, k_len={k_len})")
+        q_positions, is_sorted = _check_positions(q_positions, q_len, k_len, q.device)
 
     if key_padding_mask is not None:
         if key_padding_mask.shape != (batch, k_len) or key_padding_mask.dtype != torch.bool:
@@ -199,25 +202,63 @@ def check_args(
             )
         key_padding_mask = key_padding_mask.to(q.device)
 
-    spans_t = None
-    if spans is not None:
-        # a list is validated on the CPU and sent without a blocking copy (which would stall
-        # the GPU once per call)
-        spans_t = torch.as_tensor(spans)
-        if spans_t.ndim == 2:
-            spans_t = spans_t[None]
-        if (
-            spans_t.ndim != 3
-            or spans_t.shape[-1] != 2
-            or spans_t.shape[0] not in (1, batch)
-            or spans_t.is_floating_point()
-        ):
-            raise ValueError(
-                f"spans must be integer [n_spans, 2] or [batch={batch}, n_spans, 2] "
-                f"[start, end) ranges, got {_shape(torch.as_tensor(spans))}"
-            )
-        spans_t = spans_t.long().to(q.device, non_blocking=True)
-    return _Args(float(scale), q_positions, key_padding_mask, spans_t, default_positions)
+    spans_t = None if spans is None else _spans_on(spans, batch, q.device)
+    return _Args(float(scale), q_positions, key_padding_mask, spans_t, default_positions, is_sorted)
+
+
+def _check_positions(
+    q_positions: Tensor | Sequence[int], q_len: int, k_len: int, device: torch.device
+) -> tuple[Tensor, bool]:
+    """q_positions as int64 on ``device``, and whether they are sorted."""
+    pos = torch.as_tensor(q_positions)
+    if pos.shape != (q_len,) or pos.is_floating_point():
+        raise ValueError(
+            f"q_positions must be an integer tensor [q_len={q_len}], got {pos.dtype} {_shape(pos)}"
+        )
+    pos = pos.long()
+    out_of_range, is_sorted = False, True
+    if q_len:
+        flags = torch.stack([((pos < 0) | (pos >= k_len)).any(), (pos[1:] >= pos[:-1]).all()])
+        out_of_range, is_sorted = flags.tolist()  # on the CPU unless pos lives on the GPU
+    if out_of_range:
+        raise ValueError(f"q_positions must lie in [0, k_len={k_len})")
+    return pos.to(device, non_blocking=True), bool(is_sorted)
+
+
+# Span lists already validated and sent, by (spans, batch, device): a recorder passes the same
+# list to every layer, and each copy to the GPU would be one more transfer per call.
+_SPANS_CACHE: dict[tuple, Tensor] = {}
+
+
+def _spans_on(spans: SpansLike, batch: int, device: torch.device) -> Tensor:
+    """Validated ``[batch or 1, n_spans, 2]`` int64 spans on ``device`` (never a blocking copy)."""
+    key = None
+    if not isinstance(spans, Tensor):
+        try:
+            key = (tuple(tuple(int(x) for x in row) for row in spans), batch, str(device))
+        except TypeError:  # a list of per-batch lists: validated below, not cached
+            key = None
+        if key is not None and key in _SPANS_CACHE:
+            return _SPANS_CACHE[key]
+    spans_t = torch.as_tensor(spans)
+    if spans_t.ndim == 2:
+        spans_t = spans_t[None]
+    if (
+        spans_t.ndim != 3
+        or spans_t.shape[-1] != 2
+        or spans_t.shape[0] not in (1, batch)
+        or spans_t.is_floating_point()
+    ):
+        raise ValueError(
+            f"spans must be integer [n_spans, 2] or [batch={batch}, n_spans, 2] "
+            f"[start, end) ranges, got {_shape(torch.as_tensor(spans))}"
+        )
+    spans_t = spans_t.long().contiguous().to(device, non_blocking=True)
+    if key is not None:
+        if len(_SPANS_CACHE) >= 64:
+            _SPANS_CACHE.clear()
+        _SPANS_CACHE[key] = spans_t
+    return spans_t
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,6 +81,15 @@ class StreamedRecorder:
             received attention, else None) already on ``device``, e.g. to write them to a run
             file as they arrive. The recorder then keeps nothing (``forwards``, ``stats`` and
             ``received`` raise), so host memory holds one layer's statistics at a time.
+        output: where each layer's attention output comes from. ``"kernel"``: the fused pass
+            (`kernels.attention_stats` with ``return_output=True``), statistics and output in one
+            walk over the keys; ``"sdpa"``: SDPA for the output plus a separate statistics pass;
+            ``"auto"`` (default): the fused pass when the Triton kernel runs (CUDA) and every
+            query is recorded; SDPA when only ``q_positions`` are (their statistics pass is
+            then small) and on the CPU (the torch reference is slower than SDPA there).
+            Timings on an H100 are in docs/benchmarks.md. Where SDPA cannot give the output
+            (padding, a KV cache) the fused pass is used whatever this says; with attention
+            dropout, SDPA is.
 
     Attributes:
         forwards: one entry per forward pass inside the context (generation makes several),
@@ -103,9 +112,12 @@ class StreamedRecorder:
         device: torch.device | str = "cpu",
         backend: str = "auto",
         on_layer: Callable[[int, AttentionStats, Tensor | None], None] | None = None,
+        output: str = "auto",
     ) -> None:
         if reduce not in (None, "mean"):
             raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
+        if output not in ("auto", "kernel", "sdpa"):
+            raise ValueError(f"output must be 'auto', 'kernel' or 'sdpa', got {output!r}")
         if not hasattr(model, "set_attn_implementation"):
             raise TypeError(
                 f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
@@ -121,6 +133,8 @@ class StreamedRecorder:
         self.device = torch.device(device)
         self.backend = backend
         self.on_layer = on_layer
+        self.output = output
+        self._rows: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
         self._runs: list[_Forward] = []  # forwards that completed
         self._pending: _Forward | None = None  # the forward in progress
         self._saved: list[tuple[Any, Any]] = []
@@ -207,8 +221,10 @@ class StreamedRecorder:
         scale: float | None,
         key_padding_mask: Tensor | None,
         need_output: bool,
+        may_output: bool = True,
     ) -> Tensor | None:
-        """Record one layer's statistics; returns the attention output if ``need_output``."""
+        """Record one layer's statistics; returns the attention output if ``need_output``, or
+        where the fused pass gives it (``self.output``; only if ``may_output``), else None."""
         if self._pending is None:  # an attention module called outside the model's forward
             self._pending = _Forward()
             self._runs.append(self._pending)
@@ -219,10 +235,7 @@ class StreamedRecorder:
 
         q_len, k_len = query.shape[2], key.shape[2]
         offset = k_len - q_len  # absolute position of query row 0 (KV-cache convention)
-        rows = None  # [n] query rows to keep
-        if self.q_positions is not None:
-            pos = self.q_positions.to(query.device)
-            rows = pos[(pos >= offset) & (pos < k_len)] - offset
+        rows, positions = self._kept_rows(offset, k_len, query.device)  # [n] each
         query_mask = self.query_mask
         if query_mask is not None:
             if query_mask.shape != (query.shape[0], q_len):
@@ -236,7 +249,13 @@ class StreamedRecorder:
                       backend=self.backend)  # fmt: skip
         kept = dict(sink_size=self.sink_size, recent_window=self.recent_window, spans=self.spans)
         output = None
-        if need_output:  # every query's output is needed anyway; keep the rows afterwards
+        fused = may_output and (
+            self.output == "kernel"
+            or (
+                self.output == "auto" and rows is None and query.is_cuda and self.backend != "torch"
+            )
+        )
+        if need_output or fused:  # every query's output is needed anyway; keep rows afterwards
             st = attention_stats(query, key, value, return_output=True, **kept, **common)
             output, st.output = st.output, None
             if rows is not None:
@@ -244,10 +263,8 @@ class StreamedRecorder:
         elif rows is None:
             st = attention_stats(query, key, **kept, **common)
         else:
-            st = attention_stats(
-                query[:, :, rows], key, q_positions=rows + offset, **kept, **common
-            )
-        q_sel, positions = (query, None) if rows is None else (query[:, :, rows], rows + offset)
+            st = attention_stats(query[:, :, rows], key, q_positions=positions, **kept, **common)
+        q_sel = query if rows is None else query[:, :, rows]
         if rows is not None and query_mask is not None:
             query_mask = query_mask[:, rows]
 
@@ -267,6 +284,21 @@ class StreamedRecorder:
             run.received[layer] = rec.to(self.device, non_blocking=True)
         run.stats[layer] = st.apply(lambda t: t.to(self.device, non_blocking=True))
         return output
+
+    def _kept_rows(
+        self, offset: int, k_len: int, device: torch.device
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Query rows to keep on ``device`` and their absolute positions (on the CPU, where the
+        kernels validate them without waiting for the GPU); None, None keeps all. Computed on
+        the CPU once per shape: a boolean index on the GPU would wait for it every layer."""
+        if self.q_positions is None:
+            return None, None
+        key = (offset, k_len, device)
+        if key not in self._rows:
+            pos = self.q_positions
+            pos = pos[(pos >= offset) & (pos < k_len)]
+            self._rows[key] = ((pos - offset).to(device), pos)
+        return self._rows[key]
 
 
 def _mean_over_queries(st: AttentionStats, query_mask: Tensor | None) -> AttentionStats:
@@ -339,7 +371,7 @@ def streamed_attention_forward(
     if recorder is not None:
         output = recorder._record(
             module, query, key, value, causal=causal, scale=scaling, key_padding_mask=pad,
-            need_output=use_kernel,
+            need_output=use_kernel, may_output=dropout == 0,
         )  # fmt: skip
     elif use_kernel:
         output = attention_stats(

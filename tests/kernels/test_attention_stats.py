@@ -205,3 +205,14 @@ def test_argument_errors():
         attention_stats(q, k, backend="cuda")
     with pytest.raises(ValueError, match="scale"):
         attention_stats(q, k, scale=-1.0, backend="triton")
+
+
+def test_kv_cache_layout_output_and_repeated_spans():
+    # q_len < k_len with default positions (derived inside the kernel), a span list reused
+    # across calls (cached on the device), and the output's [batch, q, head, d] memory order
+    q, k, v = qkv(2, 4, 2, 70, 150, 32, seed=9)
+    kw = dict(sink_size=3, recent_window=20, spans=[[5, 40], [100, 149]], return_output=True)
+    for _ in range(2):
+        got, want = both(q, k, v, **kw)
+        assert_stats_close(got, want, q, k)
+    assert got.output.transpose(1, 2).is_contiguous()

@@ -78,3 +78,13 @@ def test_errors():
         received_attention(q, k, lse[:, :1])
     with pytest.raises(ValueError, match="query_mask"):
         received_attention(q, k, lse, query_mask=torch.ones(1, 8))
+
+
+def test_kv_cache_layout_default_positions():
+    # q_len < k_len without q_positions: rows sit at the last keys, derived inside the kernel;
+    # several query and key blocks, so the in-kernel block ranges are exercised
+    q, k = qk(2, 4, 2, 70, 150, 16, seed=6)
+    both(q, k)
+    pad = torch.ones(2, 150, dtype=torch.bool)
+    pad[1, :20] = False
+    both(q, k, key_padding_mask=pad, query_mask=torch.rand(2, 70) < 0.5)

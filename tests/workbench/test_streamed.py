@@ -292,3 +292,27 @@ def test_on_layer_streams_instead_of_keeping(llama):
         torch.testing.assert_close(received, want_received, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="on_layer"):
         _ = rec.stats
+
+
+@pytest.mark.parametrize("output", ["kernel", "sdpa"])
+def test_output_from_fused_kernel_or_sdpa(llama, output):
+    pytest.importorskip("triton")
+    from kernels.attention_stats import interpreting
+
+    if not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported")
+    ids = torch.randint(2, 64, (2, 40), generator=torch.Generator().manual_seed(6))
+    want_logits, patterns = _eager_patterns(llama, ids, None)
+    with torch.no_grad():
+        with StreamedRecorder(llama, backend="triton", output=output, **KW) as rec:
+            logits = llama(ids).logits
+        with StreamedRecorder(llama, backend="triton", output=output, q_positions=[3, 39]) as sub:
+            sub_logits = llama(ids).logits
+    torch.testing.assert_close(logits, want_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(sub_logits, want_logits, atol=ATOL, rtol=0)
+    for streamed, kept, pattern in zip(rec.stats, sub.stats, patterns, strict=True):
+        assert streamed.output is None
+        assert_agree(streamed, stats_from_pattern(pattern, **KW), pattern)
+        torch.testing.assert_close(kept.entropy, streamed.entropy[:, :, [3, 39]], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="output"):
+        StreamedRecorder(llama, output="eager")
