@@ -71,9 +71,11 @@ def run(args: argparse.Namespace) -> None:
     task = _task(args)
     common = {"batch_size": args.batch_size}
     if args.spec:
+        exclude = _heads_option(args, model) or []  # --heads/--scores: heads the control avoids
         result = evaluate(model, task, specs, control=args.controls > 0,
-                          n_controls=max(args.controls, 1), seed=args.seed, path=args.path,
-                          progress=not args.quiet, **common)  # fmt: skip
+                          n_controls=max(args.controls, 1), control_exclude=exclude,
+                          seed=args.seed, path=args.path, progress=not args.quiet,
+                          **common)  # fmt: skip
         print(result.summary())
         payload = result.to_dict()
     elif args.sweep:

@@ -23,7 +23,14 @@ import pandas as pd
 import torch
 
 from interventions.engine import Intervener
-from interventions.specs import Head, Intervention, MeanAblation, load_specs, spec_from_dict
+from interventions.specs import (
+    Head,
+    Intervention,
+    MeanAblation,
+    load_specs,
+    parse_head,
+    spec_from_dict,
+)
 from interventions.tasks import Task, TaskBatch, make_task
 from workbench.errors import InterventionError
 from workbench.models import Model
@@ -49,11 +56,16 @@ def bootstrap_ci(
 
 
 def matched_control(
-    specs: Sequence[Intervention], n_layers: int, n_heads: int, rng: np.random.Generator
+    specs: Sequence[Intervention],
+    n_layers: int,
+    n_heads: int,
+    rng: np.random.Generator,
+    exclude: Iterable[Head] = (),
 ) -> list[Intervention]:
     """The specs moved to random heads: per spec and layer, as many heads of that layer, drawn
-    without replacement from the heads that no spec touches."""
-    taken = {h for spec in specs for h in spec.heads}
+    without replacement from the heads that no spec touches and ``exclude`` does not name
+    (e.g. every head a probe labels, for a "random non-retrieval heads" control)."""
+    taken = {h for spec in specs for h in spec.heads} | {tuple(h) for h in exclude}
     out = []
     for spec in specs:
         heads: list[Head] = []
@@ -231,6 +243,7 @@ def evaluate(
     *,
     control: bool = True,
     n_controls: int = 3,
+    control_exclude: Iterable[Any] = (),
     seed: int = 0,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
@@ -240,7 +253,8 @@ def evaluate(
     progress: bool = False,
 ) -> EvalResult:
     """Task metric with and without ``interventions`` (a spec, a list, or their JSON form),
-    with a bootstrap CI of the difference and ``n_controls`` matched random-head controls.
+    with a bootstrap CI of the difference and ``n_controls`` matched random-head controls
+    (never drawn from ``control_exclude``).
 
     >>> r = evaluate(model, IOI(n=32), ZeroAblation(heads=[(9, 9)]))   # doctest: +SKIP
     >>> r.table.loc["logit_diff", ["baseline", "intervened", "diff", "control_diff"]]
@@ -252,8 +266,12 @@ def evaluate(
     Intervener(model).validate(specs)
     rng = np.random.default_rng(seed)
     info = model.info
+    exclude = [parse_head(h) for h in control_exclude]
     controls = (
-        [matched_control(specs, info.n_layers, info.n_heads, rng) for _ in range(n_controls)]
+        [
+            matched_control(specs, info.n_layers, info.n_heads, rng, exclude)
+            for _ in range(n_controls)
+        ]
         if control
         else []
     )

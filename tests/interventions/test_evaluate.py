@@ -38,6 +38,8 @@ def test_matched_control_same_layers_disjoint_seeded():
         assert type(control) is type(spec)
         assert sorted(lay for lay, _ in control.heads) == sorted(lay for lay, _ in spec.heads)
         assert not taken & set(control.heads)
+    excluded = matched_control(specs, 2, 8, np.random.default_rng(3), exclude=[(1, 4), "1.5"])
+    assert not {(1, 4), (1, 5)} & {h for c in excluded for h in c.heads}
     with pytest.raises(InterventionError, match="control=False"):
         matched_control(load_specs({"kind": "zero", "heads": [[0, 0], [0, 1]]}), 1, 3,
                         np.random.default_rng(0))  # fmt: skip
