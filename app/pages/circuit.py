@@ -52,8 +52,8 @@ def layout(run: str | None = None, name: str | None = None, **_q: str) -> html.D
                 header,
                 needs_panel(
                     "a circuit in this run",
-                    "This run holds no circuit. The IOI circuit finder (interventions.circuit, "
-                    "Circuit.store) writes one into a run file of the same model; reload after.",
+                    "This run holds no circuit. Find one and store it here with "
+                    f"`workbench ioi {info.name} --run <runs dir>/{run}`, then reload.",
                 ),
             ],
             className="page",
