@@ -7,8 +7,8 @@ model's lock, so two browser tabs never interleave their hooks on one model.
 
 Head views:
 
-* :func:`head_pattern` -- one head's attention pattern on a short prompt, from TransformerLens's
-  ``blocks.{l}.attn.hook_pattern`` (``[batch, head, q_pos, k_pos]``) on the model's bridge.
+* :func:`workbench.plots.head_pattern` -- one head's attention pattern on a short prompt, from
+  TransformerLens's ``blocks.{l}.attn.hook_pattern`` on the model's bridge.
 * :func:`head_positions` -- the same head's statistics along positions at any length, from the
   streamed path (:class:`workbench.streamed.StreamedRecorder`): no L×L matrix is formed.
 """
@@ -93,33 +93,6 @@ def configure(device: str | None) -> None:
 
 def pool() -> ModelPool:
     return _POOL
-
-
-def token_labels(model: Model, token_ids: np.ndarray) -> list[str]:
-    """Readable, unique labels ``"position:token"`` (whitespace made visible)."""
-    pieces = model.tokenizer.convert_ids_to_tokens([int(t) for t in token_ids])
-    labels = []
-    for position, piece in enumerate(pieces):
-        text = str(piece).replace("Ġ", "·").replace("▁", "·").replace("Ċ", "↵").replace("\n", "↵")
-        text = text if len(text) <= 12 else text[:11] + "…"
-        labels.append(f"{position}:{text}")
-    return labels
-
-
-@torch.no_grad()
-def head_pattern(model: Model, token_ids: torch.Tensor, layer: int, head: int) -> np.ndarray:
-    """``[q_pos, k_pos]`` attention pattern of one head on one prompt (``token_ids: [seq]``)."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def record(pattern: torch.Tensor, hook) -> None:  # pattern: [batch, head, q_pos, k_pos]
-        captured["pattern"] = pattern[0, head].float().cpu()  # [q_pos, k_pos]
-
-    bridge = model.bridge()
-    bridge.run_with_hooks(
-        token_ids[None].to(model.device),
-        fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", record)],
-    )
-    return captured["pattern"].numpy()
 
 
 @dataclass

@@ -10,9 +10,11 @@ The notebook surface::
     wb.evaluate(model, "ioi", {"kind": "zero", "heads": [[9, 0]]})  # interventions package
 """
 
+from workbench.api import atlas, export_map, ioi
 from workbench.cache import open_cache, write_cache
 from workbench.errors import WorkbenchError
 from workbench.models import Model, ModelInfo, list_models, load
+from workbench.plots import plot_attention
 from workbench.scanner import ScanResult, scan
 from workbench.store import Run, open_run
 
@@ -22,10 +24,14 @@ __all__ = [
     "Run",
     "ScanResult",
     "WorkbenchError",
+    "atlas",
+    "export_map",
+    "ioi",
     "list_models",
     "load",
     "open_cache",
     "open_run",
+    "plot_attention",
     "scan",
     "write_cache",
 ]

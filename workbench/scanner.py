@@ -82,6 +82,19 @@ class ScanResult:
         )
         return fig
 
+    def to_pandas(self) -> pd.DataFrame:
+        """The scores frame (same as :attr:`scores`), named like every result object's."""
+        return self.scores
+
+    def plot(self, name: str | None = None) -> go.Figure:
+        """Layer x head heatmap of score ``name`` (default: the first labelled score)."""
+        if name is None:
+            labelled = [n for n, t in self.tables.items() if t.label]
+            name = (labelled or list(self.tables))[0]
+        if name not in self.tables:
+            raise KeyError(f"no score {name!r} in this scan (scores: {', '.join(self.tables)})")
+        return self.heatmap(name)
+
     def summary(self) -> str:
         """Plain-text per-head grid for each probe (rows = layers, columns = heads)."""
         lines = []

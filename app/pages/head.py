@@ -16,6 +16,7 @@ from dash import Input, Output, State, callback, dcc, html
 from app import catalog, compute, jobs
 from app import figures as figs
 from app.components import error_panel, href, note, run_header
+from workbench import plots
 from workbench.errors import WorkbenchError
 
 TYPED = "typed"
@@ -240,14 +241,14 @@ def _views(set_progress, _clicks: int | None, choice: str, typed: str | None, id
         with pool.lock(info):
             positions = compute.head_positions(model, ids, layer, head, on_block)
             pattern = (
-                compute.head_pattern(model, ids, layer, head)
+                plots.head_pattern(model, ids, layer, head)
                 if ids.numel() <= compute.PATTERN_MAX_TOKENS
                 else None
             )
     except WorkbenchError as e:
         return error_panel(str(e))
     set_progress(("1", "1", f"{ids.numel()} tokens: done"))
-    labels = compute.token_labels(model, ids.numpy())
+    labels = plots.token_labels(model, ids.numpy())
     views: list = [
         note(
             f"{ids.numel()} tokens · model loaded once in this server ({', '.join(pool.loaded())})"

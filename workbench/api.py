@@ -1,0 +1,65 @@
+"""Notebook entry points that reach across packages: the atlas (probes), the IOI circuit
+(interventions) and the serving export. They import their packages on first use, so the spine
+(loading, scanning, the run store) works without them.
+
+    import workbench as wb
+    atlas = wb.atlas(result)                       # probes.atlas.Atlas: .plot(), .to_pandas()
+    circuit = wb.ioi(model, n=16)                  # interventions.circuit.Circuit
+    wb.export_map("runs/x.h5", "duo", "maps/x", full_fraction=0.25)   # files for serving stacks
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.headmap import HeadMap, Policy
+from workbench.store import Run, open_run
+
+if TYPE_CHECKING:
+    from interventions.circuit import Circuit
+    from probes.atlas import Atlas
+    from workbench.models import Model
+
+
+def atlas(source: Any, **options: Any) -> Atlas:
+    """Cluster and embed the heads of a scan result, an open run or a run file's path
+    (options: see :func:`probes.atlas.build_atlas`)."""
+    from probes.atlas import build_atlas
+
+    if isinstance(source, str | Path):
+        with open_run(source) as run:
+            return build_atlas(run, **options)
+    return build_atlas(source, **options)
+
+
+def ioi(model: Model, task: Any = None, **options: Any) -> Circuit:
+    """Find the IOI-style circuit of ``model`` (options: see
+    :func:`interventions.ioi.find_circuit`: ``n``, ``templates``, ``exact_heads``, ...)."""
+    from interventions.ioi import find_circuit
+
+    return find_circuit(model, task, **options)
+
+
+def export_map(
+    run: Run | str | Path,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    score: str | None = None,
+    threshold: float | None = None,
+    full_fraction: float | None = None,
+    policy: Policy | None = None,
+) -> list[Path]:
+    """Write a run's head map in a serving format (``json``, ``duo``, ``layer-heads``,
+    ``head-scores``) into ``out_dir``, as ``workbench export`` does; returns the files."""
+    from workbench.export import export
+
+    if isinstance(run, Run):
+        headmap = HeadMap.from_run(run, policy)
+    else:
+        with open_run(run) as opened:
+            headmap = HeadMap.from_run(opened, policy)
+    return export(
+        headmap, fmt, out_dir, score=score, threshold=threshold, full_fraction=full_fraction
+    )
