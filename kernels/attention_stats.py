@@ -698,7 +698,9 @@ def attention_stats(
             ``arange(k_len - q_len, k_len)``. A subset of positions (e.g. the answer tokens)
             scores only those queries against all keys.
         key_padding_mask: bool ``[batch, k_len]``, True for real tokens.
-        return_output: also return the attention output (``[batch, n_heads, q_len, d_v]``).
+        return_output: also return the attention output (``[batch, n_heads, q_len, d_v]``; with
+            the Triton backend a transposed view of a ``[batch, q_len, n_heads, d_v]`` buffer,
+            the layout attention modules hand on).
         backend: ``"auto"`` (Triton for CUDA tensors when triton imports, else the torch
             reference), ``"triton"`` or ``"torch"``.
 
