@@ -147,8 +147,9 @@ def scan_shards(
     out = Path(out)
     share = {**parameters, "part": [ranks.rank, ranks.world_size]}
     failure: Exception | None = None
-    part = RunWriter(part_file(out, ranks.rank, ranks.world_size), info, share)
+    part: RunWriter | None = None
     try:
+        part = RunWriter(part_file(out, ranks.rank, ranks.world_size), info, share)
         for key, m in measurements.items():
             items = ranks.items(len(m.texts))
             group = part.measurement(
@@ -168,7 +169,8 @@ def scan_shards(
     except Exception as e:  # the other ranks must hear of it, or they wait at the merge
         failure = e
     finally:
-        part.close()
+        if part is not None:
+            part.close()
     _agree(ranks, failure)
 
     outcome: list[Any] = [None, None, None]  # tables, published path, error message
