@@ -178,7 +178,7 @@ def _written_norms(v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
     return written.norm(dim=-1).cpu()
 
 
-def _attention_modules(model: Model) -> list[torch.nn.Module]:
+def attention_modules(model: Model) -> list[torch.nn.Module]:
     """The HF attention modules with separate ``v_proj`` and ``o_proj`` (Llama family), by
     layer; the streamed path reads values and W_O there instead of from the bridge."""
     found = {
@@ -201,7 +201,7 @@ def _streamed_sinks(
     ``v_proj`` (W_O^h is the h-th column block of ``o_proj.weight``), residual norms from the
     model's hidden states (``hidden_states[l]`` is the input of layer l, ``hook_resid_pre``)."""
     info = model.info
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     values: list[torch.Tensor] = [torch.empty(0)] * info.n_layers
 
     def hook_for(layer: int, module: torch.nn.Module) -> Callable:
