@@ -195,7 +195,7 @@ class RetrievalProbe:
     ``retrieval_lengths`` (prose default 1024,2048; toy 24,36,48), ``retrieval_depths``
     (default 0,0.25,0.5,0.75,1), ``retrieval_needles`` (prose: the first n of
     :data:`workbench.tasks.needle.NEEDLES`, default all), ``retrieval_trials`` (toy: trials per
-    cell, default 4), ``retrieval_max_new`` (decode: default 50), ``retrieval_seed``."""
+    cell, default 4), ``retrieval_max_new`` (decode: default 50; toy 1), ``retrieval_seed``."""
 
     name: str = "retrieval"
 
@@ -205,7 +205,8 @@ class RetrievalProbe:
             raise ProbeOptionError(f"retrieval_variant must be decode, forced or both: {variant!r}")
         variants = VARIANTS if variant == "both" else (variant,)
         task, trials = trials_for(ctx)
-        max_new = ctx.option("retrieval_max_new", 50)
+        # toy answers are one token and the model has no notion of stopping: score that token only
+        max_new = ctx.option("retrieval_max_new", 1 if task == "toy-recall" else 50)
         token_ids = [t.token_ids for t in trials]
         texts = [ctx.model.tokenizer.decode(ids) for ids in token_ids]
         spans = [np.array([*t.answer_span, t.length, t.depth], np.float32) for t in trials]
