@@ -22,7 +22,7 @@ from workbench.toys import SPECS, TOY_NAMES, train_toy
 from workbench.toys import cards as toy_cards
 from workbench.toys import evidence as ev
 from workbench.toys.tasks import BigramBackcopy, get_task
-from workbench.toys.train import MODELS_DIR, train_model
+from workbench.toys.train import EVAL_SEED, MODELS_DIR, train_model
 
 # ---------------------------------------------------------------------------------------------
 # Task generators: the label at every scored position is the token at its source position.
@@ -134,7 +134,11 @@ def test_bad_seed_and_foreign_out_dir_are_refused(tmp_path) -> None:
 # Shipped checkpoints: loadable, accurate, and their ground-truth heads behave as the card says
 
 
-@pytest.fixture(scope="module", params=TOY_NAMES)
+# toy-recall has not left its training plateau yet (see AssociativeRecall) and is not shipped.
+SHIPPED = ("toy-bb", "toy-ioi")
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
 def shipped(request):
     name = request.param
     heads = toy_cards.load_heads(name)
@@ -190,7 +194,7 @@ def test_shipped_ground_truth_is_stable(shipped) -> None:
     assert stated <= found
 
 
-@pytest.mark.parametrize("name", TOY_NAMES)
+@pytest.mark.parametrize("name", SHIPPED)
 def test_heads_json_validates_and_the_card_lists_its_heads(name: str) -> None:
     heads = toy_cards.load_heads(name)
     assert heads["name"] == name
@@ -205,7 +209,16 @@ def test_heads_json_validates_and_the_card_lists_its_heads(name: str) -> None:
         toy_cards.validate_heads(broken)
 
 
-def test_bb_extreme_tokens_are_recorded() -> None:
-    x = toy_cards.load_heads("toy-bb")["extreme_tokens"]
-    n_layers = toy_cards.load_heads("toy-bb")["model"]["n_layers"]
-    assert all(len(v) == n_layers for v in x.values())
+def test_bb_extreme_tokens_reproduce_the_card() -> None:
+    """The card's extreme-token numbers come back when re-measured on the card's samples, and the
+    value state at <bos> is the smallest (the value-state drain of Guo et al.)."""
+    heads = toy_cards.load_heads("toy-bb")
+    model = workbench.load("toy-bb", device="cpu")
+    batch = get_task("toy-bb").sample(heads["evaluation"]["n_sequences"], EVAL_SEED)
+    measured = ev.bb_extreme_tokens(model.hf, batch)
+    for key, per_layer in heads["extreme_tokens"].items():
+        assert measured[key] == pytest.approx(per_layer, rel=1e-3, abs=1e-4), key
+    assert all(
+        bos < other
+        for bos, other in zip(measured["value_norm_bos"], measured["value_norm_other"], strict=True)
+    )
