@@ -32,14 +32,21 @@ PROBES: dict[str, Probe] = {
 }
 
 
+# What a scan runs unless told otherwise: the probes that measure the scan's own prompts. The
+# others build their own inputs (needle grids, domain corpora, repeated random tokens) and cost
+# more; ask for them by name or with "all".
+DEFAULT_PROBES: tuple[str, ...] = ("sink", "entropy", "hidden_sink", "value_drain", "residual_peak")
+
+
 def get_probes(names: str | list[str]) -> list[Probe]:
-    """Resolve ``"all"``, ``"sink,entropy"`` or a list of names to probe objects."""
+    """Resolve ``"default"``, ``"all"``, ``"sink,entropy"`` or a list of names to probes."""
     if isinstance(names, str):
-        names = list(PROBES) if names == "all" else [n.strip() for n in names.split(",") if n]
+        groups = {"all": list(PROBES), "default": list(DEFAULT_PROBES)}
+        names = groups.get(names) or [n.strip() for n in names.split(",") if n]
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         raise WorkbenchError(f"unknown probe(s) {', '.join(unknown)} (known: {', '.join(PROBES)})")
     return [PROBES[n] for n in names]
 
 
-__all__ = ["PROBES", "Measurement", "Probe", "ScanContext", "get_probes"]
+__all__ = ["DEFAULT_PROBES", "PROBES", "Measurement", "Probe", "ScanContext", "get_probes"]

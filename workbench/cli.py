@@ -320,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("scan", _cmd_scan, "run head probes over a prompt set and write a run file")
     p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")
     p.add_argument("--prompts", default="demo", help="shipped prompt set or .jsonl/.txt file")
-    p.add_argument("--probes", default="all", help="'all' or comma-separated probe names")
+    p.add_argument(
+        "--probes",
+        default="default",
+        help="'default' (probes of the scan's own prompts), 'all', or comma-separated names",
+    )
     p.add_argument("--out", help="run file (default runs/<model>.h5)")
     p.add_argument("--max-tokens", type=int, help="truncate prompts to this many tokens")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per checkpoint")
@@ -485,9 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = command(
-        "ioi", _cmd_ioi, "find an IOI-style circuit: head classes, edges, faithfulness"
-    )
+    p = command("ioi", _cmd_ioi, "find an IOI-style circuit: head classes, edges, faithfulness")
     p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")
     p.add_argument(
         "--task", help="ioi, ioi-toy or colored-objects (default: ioi in the model's vocabulary)"

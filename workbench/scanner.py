@@ -125,7 +125,7 @@ def scan(
     model: Model | str,
     prompts: PromptSet | str = "demo",
     *,
-    probes: str | list[str] = "all",
+    probes: str | list[str] = "default",
     out: str | Path | None = None,
     max_tokens: int | None = None,
     batch_size: int = 4,
@@ -138,7 +138,8 @@ def scan(
     Args:
         model: a loaded :class:`Model` or a model spec for :func:`workbench.load`.
         prompts: a :class:`PromptSet`, a shipped prompt-set name or a file path.
-        probes: ``"all"``, comma-separated names, or a list (see :data:`probes.PROBES`).
+        probes: ``"default"`` (:data:`probes.DEFAULT_PROBES`), ``"all"``, comma-separated
+            names, or a list (see :data:`probes.PROBES`).
         out: run file to write (atomic; resumable). ``None`` keeps everything in memory.
         max_tokens: truncate prompts to this many tokens.
         batch_size: items per checkpoint of the run file.
