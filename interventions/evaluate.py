@@ -209,6 +209,38 @@ class EvalResult:
             lines.append(self.table.to_string())
         return "\n".join(lines)
 
+    def to_pandas(self) -> pd.DataFrame:
+        """:attr:`table`: one row per metric."""
+        return self.table
+
+    def plot(self, metric: str | None = None) -> Any:
+        """Bar chart of ``metric`` (default: the task's first): the change under the
+        interventions and under the matched control, with their bootstrap CIs."""
+        import plotly.graph_objects as go
+
+        metric = metric or self.metrics[0]
+        if metric not in self.table.index:
+            raise InterventionError(f"no metric {metric!r} (metrics: {', '.join(self.metrics)})")
+        row = self.table.loc[metric]
+        bars = [("intervened", "")] + ([("control", "control_")] if self.controls else [])
+        fig = go.Figure(
+            go.Bar(
+                x=[name for name, _ in bars],
+                y=[row[f"{key}diff"] for _, key in bars],
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [row[f"{key}ci_high"] - row[f"{key}diff"] for _, key in bars],
+                    "arrayminus": [row[f"{key}diff"] - row[f"{key}ci_low"] for _, key in bars],
+                },
+            )
+        )
+        fig.update_layout(
+            title=f"{self.task}: change in {metric} (baseline {row['baseline']:.3f})",
+            yaxis_title=f"{metric} − baseline",
+        )
+        return fig
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: specs, controls, the table, per-example values."""
         return {

@@ -86,6 +86,14 @@ class Atlas:
         )
         return fig
 
+    def plot(self, title: str = "") -> go.Figure:
+        """The embedding scatter (:meth:`figure`), named like every result object's plot."""
+        return self.figure(title)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per head: layer, head, cluster, x, y, labels and the fingerprint."""
+        return self.frame
+
     def cluster_summary(self) -> pd.DataFrame:
         """Per cluster: number of heads, the most common labels, and the mean of each score."""
         grouped = self.frame.groupby("cluster")

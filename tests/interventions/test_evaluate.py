@@ -77,6 +77,12 @@ def test_evaluate_matches_direct_computation(tiny_model, task):
     assert again.controls == r.controls
     np.testing.assert_allclose(again.table.to_numpy(), r.table.to_numpy(), atol=1e-4)
     assert "matched random control" in r.summary() and "<table" in r._repr_html_()
+    assert r.to_pandas() is r.table
+    bars = r.plot("logit_diff").data[0]
+    assert list(bars.x) == ["intervened", "control"]
+    np.testing.assert_allclose(bars.y, [table["diff"], table["control_diff"]])
+    with pytest.raises(InterventionError, match="no metric"):
+        r.plot("nope")
 
 
 def test_sweep_rows_and_baseline(tiny_model):

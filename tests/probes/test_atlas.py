@@ -34,6 +34,8 @@ def test_atlas_recovers_planted_clusters():
     assert summary["n_heads"].sum() == 24
     fig = atlas.figure()
     assert sum(len(trace.x) for trace in fig.data) == 24
+    assert sum(len(trace.x) for trace in atlas.plot().data) == 24
+    assert atlas.to_pandas() is atlas.frame
 
 
 def test_atlas_tsne_and_fixed_k():
