@@ -100,7 +100,10 @@ def test_decode_and_forced_agree_on_smollm2(smollm2):
 TOY = TOY_MODELS_DIR / "toy-recall"
 
 
-@pytest.mark.skipif(not (TOY / "heads.json").is_file(), reason="toy-recall not trained yet")
+@pytest.mark.skipif(
+    not (TOY / "heads.json").is_file(),
+    reason="toy-recall is not shipped (its training stays on the plateau, workbench/toys/tasks.py)",
+)
 def test_finds_the_ground_truth_retrieval_heads_of_toy_recall(tmp_path):
     truth = json.loads((TOY / "heads.json").read_text())
     expected = _ground_truth(truth, "retrieval")

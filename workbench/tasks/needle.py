@@ -254,7 +254,8 @@ def toy_recall_grid(
         free = [s for s in range(n_slots) if s != needle_slot]
         n_distract = min(task.n_pairs - 1, len(free) // task.repeats)
         slots = rng.choice(free, size=n_distract * task.repeats, replace=False)
-        words = [str(w) for w in rng.choice(task.fillers, size=n_stream)]
+        fillers = [w for w in task.fillers if w not in values]  # values may be filler words
+        words = [str(w) for w in rng.choice(fillers, size=n_stream)]
         pairs = np.repeat(np.arange(1, n_distract + 1), task.repeats)
         for slot, pair in zip(slots, pairs, strict=True):
             words[2 * slot : 2 * slot + 2] = [keys[pair], values[pair]]
