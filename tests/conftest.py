@@ -88,6 +88,13 @@ def make_tiny_llama(
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_factory():
+    """:func:`make_tiny_llama`, for tests that need other shapes (conftest is not importable by
+    name: each test package has its own)."""
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 

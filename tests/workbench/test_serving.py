@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
 from transformers import AttentionInterface
 
 from workbench import serving
@@ -109,7 +108,7 @@ def test_evaluate_map_rows(tiny_model):
     assert frame["accuracy"].between(0, 1).all()
 
 
-def test_cli_evaluate_map(tiny_model, tiny_llama_dir, tmp_path, capsys):
+def test_cli_evaluate_map(tiny_model, tiny_llama_dir, tiny_llama_factory, tmp_path, capsys):
     scores = np.array([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.2, 0.0]])  # KV heads (0, 0), (1, 1)
     writer = RunWriter(tmp_path / "run.h5", tiny_model.info, {})
     writer.write_score(ScoreTable("retrieval", scores, "Wu et al.", 0.1, "retrieval"))
@@ -127,6 +126,6 @@ def test_cli_evaluate_map(tiny_model, tiny_llama_dir, tmp_path, capsys):
     assert {r["full_kv_heads"] for r in document["rows"]} == {0, 1, 2, 4}
     assert main([*argv, "--full-fractions", "2"]) == 2
     assert "full fraction must be in [0, 1]" in capsys.readouterr().err
-    other = make_tiny_llama(tmp_path / "other", n_kv_heads=4)
+    other = tiny_llama_factory(tmp_path / "other", n_kv_heads=4)
     assert main([*argv[:2], "--model", str(other)]) == 2
     assert "the run was made on tiny-llama" in capsys.readouterr().err
