@@ -4,8 +4,7 @@ Three small Llama (RoPE) models, each trained on a task whose solution needs a s
 
 - ``toy-bb``: Bigram-Backcopy (Guo et al. 2024): an active-dormant copy head and the
   extreme-token phenomena at <bos>;
-- ``toy-recall``: in-context associative recall: previous-token and induction/retrieval heads
-  (trainable, not shipped yet: no run within the CPU budget has left the training plateau);
+- ``toy-recall``: in-context associative recall: previous-token and induction/retrieval heads;
 - ``toy-ioi``: indirect object identification (Wang et al. 2022 templates): heads that move the
   indirect object's name to the final token.
 

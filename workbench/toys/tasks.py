@@ -178,8 +178,8 @@ class AssociativeRecall(RowTask):
     sequence; queries draw distinct keys from more pairs than there are queries, so "a stored value
     not yet answered" is a weak shortcut.
 
-    Status: no run within the CPU budget (<= 2000 steps, d_model 64) has left the plateau yet
-    (query accuracy ~0.2, i.e. a guess among the stored values), so `toy-recall` is not shipped."""
+    Whether a run leaves the plateau within the shipped 1500 steps depends on the seed: seed 1
+    does (the shipped model), seed 0 does not (query accuracy 0.23, a guess among stored values)."""
 
     name = "toy-recall"
     loss_on_all = False
@@ -188,7 +188,6 @@ class AssociativeRecall(RowTask):
         self,
         n_filler: int = 32,
         n_keys: int = 24,
-        n_values: int = 24,
         n_pairs: int = 6,
         repeats: int = 2,
         n_runs: int = 3,
@@ -198,8 +197,10 @@ class AssociativeRecall(RowTask):
     ) -> None:
         self.fillers = [f"f{i}" for i in range(n_filler)]
         self.keys = [f"k{i}" for i in range(n_keys)]
-        self.values = [f"v{i}" for i in range(n_values)]
-        self.words = [*self.fillers, *self.keys, *self.values, "<q>"]
+        # Values are filler words, so the previous-token head that the filler runs train already
+        # fires at stored values (its query token is a filler word there too).
+        self.values = self.fillers
+        self.words = [*self.fillers, *self.keys, "<q>"]
         self.n_pairs, self.repeats, self.n_queries = n_pairs, repeats, n_queries
         self.n_runs, self.run_len = n_runs, run_len
         # A fixed permutation of the filler words: inside a run, the token after x is σ(the token

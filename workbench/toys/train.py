@@ -56,7 +56,7 @@ SPECS: dict[str, ToySpec] = {
     # 10k steps); d_model 64 and a higher rate keep CPU training to minutes. Three layers give the
     # causal test non-ground-truth heads to compare the copy head with.
     "toy-bb": ToySpec(3, 1, 64, 256, steps=1500, batch_size=32, lr=3e-3, weight_decay=1e-4),
-    "toy-recall": ToySpec(2, 2, 64, 256, steps=800, batch_size=32, lr=3e-3, weight_decay=1e-4),
+    "toy-recall": ToySpec(3, 2, 64, 256, steps=1500, batch_size=32, lr=3e-3, weight_decay=1e-4),
     "toy-ioi": ToySpec(2, 4, 64, 256, steps=1500, batch_size=32, lr=1e-3, weight_decay=1e-4),
 }
 TOY_NAMES: tuple[str, ...] = tuple(SPECS)
