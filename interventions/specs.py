@@ -33,6 +33,12 @@ kind               acts on    what the head's output becomes
 
 JSON form: ``{"kind": "zero", "heads": [[9, 9], [10, 0]]}``; heads may also be written
 ``"9.9"`` or ``{"layer": 9, "head": 9}``. A file holds one spec or a list of them.
+
+>>> spec = spec_from_dict({"kind": "scale", "heads": ["9.9", [10, 0]], "factor": 2.0})
+>>> spec.heads
+((9, 9), (10, 0))
+>>> load_specs(dump_specs([spec])) == [spec]
+True
 """
 
 from __future__ import annotations

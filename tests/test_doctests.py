@@ -1,0 +1,22 @@
+"""The runnable examples in docstrings (cheap ones run; model-loading ones are marked SKIP)."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "interventions.specs",
+    "interventions.evaluate",
+    "workbench.scanner",
+    "workbench.tasks.ioi",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+    if name == "interventions.specs":
+        assert result.attempted >= 3
