@@ -27,6 +27,8 @@ import torch
 from interventions import ops
 from interventions.engine import Intervener
 from interventions.specs import load_specs
+from interventions.streamed import intervening
+from workbench.capture import AttentionCall
 from workbench.models import Model, ModelInfo
 
 KINDS = [
@@ -63,13 +65,12 @@ def closed_form_errors(model: Model, tokens: torch.Tensor, layer: int) -> dict[s
     """Max |closed form (fp32) − pattern @ v (float64)| per pattern kind on one layer's q, k, v."""
     captured = {}
 
-    def work(lay, module, q, k, v, out, causal, scale):
-        captured.update(q=q.double(), k=k.double(), v=v.double(), scale=scale, causal=causal)
+    def work(call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        captured.update(q=call.query.double(), k=call.key.double(), v=call.value.double(),
+                        scale=call.scale, causal=call.causal)  # fmt: skip
         return out.transpose(1, 2)
 
-    from interventions.streamed import use_attention
-
-    with use_attention(model.hf, {layer}, work), torch.no_grad():
+    with intervening(model.hf, {layer}, work), torch.no_grad():
         model.hf(tokens, logits_to_keep=1)
     group = model.info.group_size
     q = captured["q"][:, :2]

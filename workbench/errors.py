@@ -70,3 +70,8 @@ class ProbeOptionError(WorkbenchError, ValueError):
 class InterventionError(WorkbenchError, ValueError):
     """An intervention spec or evaluation request is invalid (unknown kind, head out of range,
     missing prompt variant); the message names what to change."""
+
+
+class CaptureError(WorkbenchError, ValueError):
+    """A capture path cannot run this request: an unknown path name, or an attention variant,
+    mask or input the path cannot reproduce exactly (the message names the path that can)."""

@@ -11,7 +11,7 @@ import torch
 from app import compute
 from workbench import plots
 from workbench.errors import RunMismatchError
-from workbench.streamed import StreamedRecorder
+from workbench.capture import StreamedRecorder
 
 
 def test_pool_loads_each_model_once_and_checks_its_identity(tiny_model) -> None:

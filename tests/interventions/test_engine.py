@@ -89,10 +89,8 @@ def test_positions_and_keep(tiny_model, batch):
 
 def test_long_prompt_takes_the_streamed_path(tiny_model, monkeypatch):
     """Above the pattern path's limit, `auto` never builds the bridge (limit lowered to 16)."""
-    monkeypatch.setattr("interventions.engine.PATTERN_PATH_MAX_TOKENS", 16)
+    monkeypatch.setattr("workbench.capture.paths.PATTERN_PATH_MAX_TOKENS", 16)
     iv = Intervener(tiny_model)
-    assert iv.resolve_path("auto", 16) == "pattern"
-    assert iv.resolve_path("auto", 17) == "streamed"
     monkeypatch.setattr(type(tiny_model), "bridge", lambda self: pytest.fail("bridge used"))
     tokens = torch.randint(3, 35, (1, 40), generator=torch.Generator().manual_seed(1))
     spec = load_specs({"kind": "redistribute", "heads": [[0, 1]], "sinks": [0], "beta": 0.0})

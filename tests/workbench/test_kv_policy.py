@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from workbench import serving
+from workbench import kv_policy
 from workbench.cli import main
 from workbench.errors import ShapeError
 from workbench.scores import ScoreTable
-from workbench.serving import CachePolicy, evaluate_map, random_map
+from workbench.kv_policy import CachePolicy, evaluate_map, random_map
 from workbench.store import RunWriter
 from workbench.tasks.needle import NeedleTrial
 
@@ -44,9 +44,9 @@ def test_policy_attention_matches_dense_masks_in_prefill_and_decoding(tiny_model
     plain = hf(ids).logits
     with CachePolicy(np.ones((2, 2), bool), SINK, WINDOW).applied(hf):
         torch.testing.assert_close(hf(ids).logits, plain)  # all full = the unmodified model
-    assert hf.config._attn_implementation != serving.SERVING_NAME  # restored on exit
+    assert hf.config._attn_implementation != kv_policy.SERVING_NAME  # restored on exit
 
-    monkeypatch.setattr(serving, "BLOCK", 7)  # several query blocks at 40 tokens
+    monkeypatch.setattr(kv_policy, "BLOCK", 7)  # several query blocks at 40 tokens
     AttentionInterface.register("dense_policy_test", dense_policy_attention)
     previous = hf.config._attn_implementation
     hf.set_attn_implementation("dense_policy_test")
@@ -128,4 +128,5 @@ def test_cli_evaluate_map(tiny_model, tiny_llama_dir, tiny_llama_factory, tmp_pa
     assert "full fraction must be in [0, 1]" in capsys.readouterr().err
     other = tiny_llama_factory(tmp_path / "other", n_kv_heads=4)
     assert main([*argv[:2], "--model", str(other)]) == 2
-    assert "the run was made on tiny-llama" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert "was made with tiny-llama (" in message and "not with other (" in message

@@ -1,4 +1,4 @@
-"""Capture: per-head attention statistics of one prompt, from whichever path fits its length.
+"""Per-head attention statistics of one prompt, from whichever path fits its length.
 
 Two paths give the same numbers (a test holds them together):
 
@@ -6,8 +6,8 @@ Two paths give the same numbers (a test holds them together):
   (``[batch, head, q_pos, k_pos]``); each layer's pattern is reduced to statistics inside the hook
   and dropped, so memory stays at one layer's L×L at a time.
 * **streamed path** (any length): the Hugging Face model runs with the workbench attention
-  function (:mod:`workbench.streamed`), whose kernels compute the statistics from post-RoPE q and
-  k without ever forming L×L.
+  function (:mod:`workbench.capture.streamed`), whose kernels compute the statistics from
+  post-RoPE q and k without ever forming L×L.
 
 Per query the statistics are those of :class:`kernels.AttentionStats`; a prompt's statistic per
 head is their mean over queries, as listed in :data:`STATISTICS`.
@@ -19,11 +19,9 @@ import numpy as np
 import torch
 
 from kernels import AttentionStats, stats_from_pattern
+from workbench.capture.paths import resolve_path, run_streamed, run_with_patterns
 from workbench.errors import ShapeError
 from workbench.models import Model
-
-# Above this many tokens the pattern path would hold n_heads x L x L floats per layer.
-PATTERN_PATH_MAX_TOKENS = 2048
 
 STATISTICS: dict[str, str] = {
     "first_token_mass": "mean over queries i of A[i, 0], the attention paid to the first token",
@@ -73,14 +71,10 @@ def head_statistics(
         raise ShapeError(
             f"token_ids must be a non-empty [seq] tensor, got {tuple(token_ids.shape)}"
         )
-    if path == "auto":
-        path = "pattern" if token_ids.numel() <= PATTERN_PATH_MAX_TOKENS else "streamed"
-    if path == "pattern":
+    if resolve_path(path, token_ids.numel()) == "pattern":
         per_layer = _pattern_path(model, token_ids)
-    elif path == "streamed":
-        per_layer = _streamed_path(model, token_ids)
     else:
-        raise ValueError(f"path must be 'auto', 'pattern' or 'streamed', got {path!r}")
+        per_layer = _streamed_path(model, token_ids)
     return {
         name: torch.stack([layer[name][0] for layer in per_layer]).numpy().astype(np.float32)
         for name in STATISTICS
@@ -88,35 +82,27 @@ def head_statistics(
 
 
 def _pattern_path(model: Model, token_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    bridge = model.bridge()
-    per_layer: list[dict[str, torch.Tensor] | None] = [None] * model.info.n_layers
+    per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(model.info.n_layers)]
 
-    def record(pattern: torch.Tensor, hook) -> None:  # pattern: [batch, head, q_pos, k_pos]
-        layer = int(hook.name.split(".")[1])
-        stats = stats_from_pattern(pattern.float(), sink_size=1)
+    def record(layer: int, pattern: torch.Tensor) -> None:  # pattern: [head, q_pos, k_pos]
+        stats = stats_from_pattern(pattern[None], sink_size=1)
         per_layer[layer] = {
-            k: v.cpu() for k, v in reduce_stats(stats, causal=model.info.causal).items()
+            name: value.cpu()
+            for name, value in reduce_stats(stats, causal=model.info.causal).items()
         }
 
-    hooks = [(f"blocks.{layer}.attn.hook_pattern", record) for layer in range(model.info.n_layers)]
-    bridge.run_with_hooks(token_ids[None].to(model.device), fwd_hooks=hooks)
-    missing = [layer for layer, stats in enumerate(per_layer) if stats is None]
-    if missing:
-        raise RuntimeError(f"hook_pattern did not fire for layers {missing}")
-    return per_layer  # type: ignore[return-value]
+    run_with_patterns(model, token_ids, record)
+    return per_layer
 
 
 def _streamed_path(model: Model, token_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    from workbench.streamed import StreamedRecorder
-
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
 
     def record(layer: int, stats: AttentionStats, _received: None) -> None:
         # reduced as each layer arrives: host memory holds one layer's per-query statistics
         per_layer[layer] = reduce_stats(stats, causal=model.info.causal)
 
-    with StreamedRecorder(model.hf, sink_size=1, on_layer=record):
-        model.hf(token_ids[None].to(model.device))
+    run_streamed(model, token_ids, sink_size=1, on_layer=record)
     missing = [layer for layer in range(model.info.n_layers) if layer not in per_layer]
     if missing:
         raise RuntimeError(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import stats_from_pattern
-from workbench.streamed import ATTENTION_NAME, StreamedRecorder
+from workbench.capture.streamed import ATTENTION_NAME, StreamedRecorder
 
 ATOL = 1e-4
 KW = dict(sink_size=2, recent_window=3, spans=[[2, 5], [7, 12]])
@@ -182,14 +182,18 @@ def test_generation_with_kv_cache(llama):
             torch.testing.assert_close(getattr(step, name), getattr(whole, name)[:, :, -1:])
 
 
-def test_unsupported_masks_raise():
+def test_sliding_window_longer_than_the_input_equals_eager():
+    """A Mistral local layer at 10 tokens with window 6: the kernels see exactly eager's keys."""
     mistral = _llama("MistralForCausalLM", sliding_window=6)
-    ids = torch.randint(2, 64, (1, 10))
-    with torch.no_grad(), StreamedRecorder(mistral) as rec:
-        with pytest.raises(NotImplementedError, match="sliding window"):
-            mistral(ids)
-        mistral(ids[:, :6])  # the window covers the whole input: plain causal
-    assert rec.stats[0].entropy.shape == (1, 4, 6)
+    ids = torch.randint(2, 64, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = mistral(ids, output_attentions=True)
+        with StreamedRecorder(mistral, **KW) as rec:
+            streamed = mistral(ids)
+    torch.testing.assert_close(streamed.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    for layer, pattern in enumerate(eager.attentions):  # [batch, head, q, k]
+        assert pattern[0, 0, 9, :4].abs().max() == 0  # keys beyond the window are unseen
+        assert_agree(rec.stats[layer], stats_from_pattern(pattern, **KW), pattern)
     assert mistral.config._attn_implementation == "eager"
     assert mistral.config._attn_implementation != ATTENTION_NAME
 

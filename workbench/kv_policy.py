@@ -7,7 +7,8 @@ sinks + window; DuoAttention's *streaming heads*, decided per KV head). This mod
 as if it were served that way and reports how often it still finds the needle.
 
 The policy runs inside the model: :class:`CachePolicy` registers an attention function in
-transformers' ``AttentionInterface`` (as :mod:`workbench.streamed` does) that gives each KV head's
+transformers' ``AttentionInterface`` (through :mod:`workbench.capture.attention`, as the
+streamed capture path does) that gives each KV head's
 query heads either ordinary causal attention or attention restricted to
 
     key j visible to the query at position p  ⇔  j ≤ p and (j < S or j > p − W)
@@ -37,11 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workbench.errors import ShapeError
+from workbench.capture.attention import AttentionCall, attend, register, use_attention
+from workbench.errors import CaptureError, ShapeError
 from workbench.models import Model
 from workbench.tasks.needle import NeedleTrial, rouge1_recall
 
-__all__ = ["SERVING_NAME", "CachePolicy", "evaluate_map", "greedy_answer", "random_map"]
+__all__ = [
+    "SERVING_NAME",
+    "CachePolicy",
+    "evaluate_map",
+    "greedy_answer",
+    "policy_attention",
+    "random_map",
+]
 
 SERVING_NAME = "workbench_serving"
 BLOCK = 256  # query rows per block of streaming-head attention
@@ -97,60 +106,56 @@ class _Applied:
             )
 
     def __enter__(self) -> CachePolicy:
-        from workbench.streamed import _configs
-
-        register()
-        self._saved = [(c, c._attn_implementation_internal) for c in _configs(self.model)]
-        self.model.set_attn_implementation(SERVING_NAME)
+        self._swap = use_attention(self.model, SERVING_NAME)
+        self._swap.__enter__()
         self._token = _ACTIVE.set(self.policy)
         return self.policy
 
     def __exit__(self, *exc: object) -> None:
         _ACTIVE.reset(self._token)
-        for config, implementation in self._saved:
-            config._attn_implementation_internal = implementation
+        self._swap.__exit__(*exc)
 
 
-def serving_attention_forward(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[Tensor, None]:
-    """``AttentionInterface`` function of the active :class:`CachePolicy`.
-
-    ``query [batch, n_heads, q_len, d]``, ``key/value [batch, n_kv_heads, k_len, d]`` (the query
-    rows are the last ``q_len`` key positions). Returns ``(output [batch, q_len, n_heads, d_v],
-    None)``.
-    """
+def policy_attention(call: AttentionCall) -> Tensor:
+    """Attention function of the active :class:`CachePolicy`: the layer's output ``[batch,
+    n_heads, q_len, d_v]`` with each KV head's query heads seeing the keys the policy keeps (the
+    query rows are the last ``q_len`` key positions)."""
     policy = _ACTIVE.get()
     if policy is None:
         raise RuntimeError("serving attention called outside CachePolicy.applied(model)")
-    if attention_mask is not None:
-        raise NotImplementedError("the serving simulation takes unpadded single sequences")
-    if not getattr(module, "is_causal", True):
-        raise NotImplementedError("the serving simulation is for causal decoders")
+    if call.padding is not None:
+        raise CaptureError("the KV-policy simulation takes unpadded single sequences")
+    if not call.causal:
+        raise CaptureError("the KV-policy simulation is for causal decoders")
+    query, key, value = call.query, call.key, call.value
     batch, n_heads, q_len, _ = query.shape
     n_kv = key.shape[1]
     group = n_heads // n_kv
-    full = torch.as_tensor(policy.kv_full[module.layer_idx])  # [n_kv_heads] bool
+    full = torch.as_tensor(policy.kv_full[call.layer])  # [n_kv_heads] bool
     if full.numel() != n_kv:
         raise ShapeError(f"policy has {full.numel()} KV heads per layer, the model {n_kv}")
     out = query.new_empty(batch, n_kv, group, q_len, value.shape[-1])  # [b, kv, group, q, d_v]
     q5 = query.view(batch, n_kv, group, q_len, -1)  # [batch, kv_head, group, q_pos, d]
+    if not bool(full.all()) and not call.plain:
+        raise CaptureError(
+            f"the KV-policy simulation keeps sinks + a recent window on streaming heads of plain "
+            f"causal layers; layer {call.layer} ({type(call.module).__name__}) has its own local "
+            "window, chunks, softcap or learned sinks"
+        )
     for heads, window in ((full, None), (~full, policy.recent_size)):
-        index = torch.nonzero(heads).flatten()
+        index = torch.nonzero(heads).flatten()  # [n_sel] KV heads
         if not len(index):
             continue
         q = q5[:, index].flatten(1, 2)  # [batch, n_sel * group, q_pos, d]
-        out[:, index] = _attend(
-            q, key[:, index], value[:, index], scaling, policy.sink_size, window
-        ).unflatten(1, (len(index), group))
-    return out.flatten(1, 2).transpose(1, 2).contiguous(), None
+        k, v = key[:, index], value[:, index]  # [batch, n_sel, k_len, d]
+        if window is None:  # full heads attend as the model does, variants included
+            rows = (index[:, None] * group + torch.arange(group)).flatten()  # query heads
+            sinks = None if call.sinks is None else call.sinks[rows.to(call.sinks.device)]
+            selected = attend(call.with_tensors(query=q, key=k, value=v, sinks=sinks))
+        else:
+            selected = _attend(q, k, v, call.scale, policy.sink_size, window)
+        out[:, index] = selected.unflatten(1, (len(index), group))
+    return out.flatten(1, 2)
 
 
 def _attend(
@@ -193,15 +198,7 @@ def _attend(
     return torch.cat(blocks, dim=2)
 
 
-def register() -> None:
-    """Register the serving attention (and the streamed path's padding-only mask) (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    from workbench.streamed import streamed_mask
-
-    AttentionInterface.register(SERVING_NAME, serving_attention_forward)
-    AttentionMaskInterface.register(SERVING_NAME, streamed_mask)
+register(SERVING_NAME, policy_attention)
 
 
 # ---------------------------------------------------------------------------------------------

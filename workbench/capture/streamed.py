@@ -17,12 +17,12 @@ Usage::
     # or hand each layer on as soon as it is computed (e.g. to a run file), keeping nothing:
     StreamedRecorder(model, on_layer=lambda layer, stats, received: ...)
 
-Masks. A companion mask function is registered in ``AttentionMaskInterface`` under the same
-name; instead of a 4D mask it hands the attention function the 2D key padding mask
-``[batch, k_len]`` (or None when nothing is padded). Causal versus bidirectional comes from the
-module's ``is_causal``. Sliding-window and chunked masks are supported only where the window
-covers the whole sequence; custom 4D masks and packed sequences are refused with an error
-rather than answered with silently wrong statistics.
+Masks and variants. The recorder runs the model through the attention-function swap of
+:mod:`workbench.capture.attention`: causal versus bidirectional, key padding, local windows
+(Mistral, Gemma 2/3, gpt-oss, Cohere2, ModernBERT), chunks (Llama 4), logit softcapping and
+learned sink logits reach the kernels exactly as the model's eager attention applies them.
+What the kernels cannot reproduce (ALiBi-style position biases, custom 4D masks, packed
+sequences) is refused with a :class:`~workbench.errors.CaptureError`.
 
 Queries. With a KV cache the ``q_len`` queries are the last ``q_len`` key positions. The
 recorder's ``q_positions`` keeps only the queries at those absolute positions (e.g. the answer
@@ -39,12 +39,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import AttentionStats, attention_stats, received_attention
+from workbench.capture.attention import (
+    AttentionCall,
+    attend,
+    needs_kernel_output,
+    register,
+    use_attention,
+)
 
-__all__ = ["ATTENTION_NAME", "StreamedRecorder", "streamed_attention_forward"]
+__all__ = ["ATTENTION_NAME", "StreamedRecorder", "streamed_attention"]
 
 ATTENTION_NAME = "workbench_streamed"
 
@@ -137,16 +143,14 @@ class StreamedRecorder:
         self._rows: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
         self._runs: list[_Forward] = []  # forwards that completed
         self._pending: _Forward | None = None  # the forward in progress
-        self._saved: list[tuple[Any, Any]] = []
+        self._swap = use_attention(model, ATTENTION_NAME)
         self._token = None
         self._hooks: list[Any] = []
 
     # -- context -----------------------------------------------------------------------------
 
     def __enter__(self) -> StreamedRecorder:
-        register()
-        self._saved = [(c, c._attn_implementation_internal) for c in _configs(self.model)]
-        self.model.set_attn_implementation(ATTENTION_NAME)
+        self._swap.__enter__()
         self._hooks = [
             self.model.register_forward_pre_hook(self._begin),
             self.model.register_forward_hook(self._end),
@@ -158,8 +162,7 @@ class StreamedRecorder:
         _ACTIVE.reset(self._token)
         for hook in self._hooks:
             hook.remove()
-        for config, implementation in self._saved:
-            config._attn_implementation_internal = implementation
+        self._swap.__exit__(*exc)
 
     def _begin(self, *_: object) -> None:
         self._pending = _Forward()
@@ -210,28 +213,16 @@ class StreamedRecorder:
 
     # -- recording ---------------------------------------------------------------------------
 
-    def _record(
-        self,
-        module: torch.nn.Module,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        *,
-        causal: bool,
-        scale: float | None,
-        key_padding_mask: Tensor | None,
-        need_output: bool,
-        may_output: bool = True,
-    ) -> Tensor | None:
+    def _record(self, call: AttentionCall, *, need_output: bool) -> Tensor | None:
         """Record one layer's statistics; returns the attention output if ``need_output``, or
-        where the fused pass gives it (``self.output``; only if ``may_output``), else None."""
+        where the fused pass gives it (``self.output``; not with dropout), else None."""
         if self._pending is None:  # an attention module called outside the model's forward
             self._pending = _Forward()
             self._runs.append(self._pending)
         run = self._pending
-        layer = getattr(module, "layer_idx", None)
-        layer = run.calls if layer is None else int(layer)
+        layer = run.calls if call.layer is None else call.layer
         run.calls += 1
+        query, key, value = call.query, call.key, call.value
 
         q_len, k_len = query.shape[2], key.shape[2]
         offset = k_len - q_len  # absolute position of query row 0 (KV-cache convention)
@@ -245,11 +236,10 @@ class StreamedRecorder:
                 )
             query_mask = query_mask.to(query.device)
 
-        common = dict(causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                      backend=self.backend)  # fmt: skip
+        common = dict(**call.kernel_options(), backend=self.backend)
         kept = dict(sink_size=self.sink_size, recent_window=self.recent_window, spans=self.spans)
         output = None
-        fused = may_output and (
+        fused = call.dropout == 0 and (
             self.output == "kernel"
             or (
                 self.output == "auto" and rows is None and query.is_cuda and self.backend != "torch"
@@ -326,119 +316,17 @@ def _mean_over_queries(st: AttentionStats, query_mask: Tensor | None) -> Attenti
 
 
 # ---------------------------------------------------------------------------------------------
-# The functions registered with transformers.
+# The function registered with transformers.
 
 
-def streamed_attention_forward(
-    module: torch.nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[Tensor, None]:
-    """``AttentionInterface`` function: SDPA output plus statistics for the active recorder.
-
-    ``query [batch, n_heads, q_len, d]``, ``key/value [batch, n_kv_heads, k_len, d]``;
-    ``attention_mask`` is what the companion mask function made (None or a 2D key padding
-    mask). Returns ``(attn_output [batch, q_len, n_heads, d_v], None)``.
-    """
-    for unsupported in ("softcap", "s_aux", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(
-                f"the streamed attention path does not support {unsupported!r} "
-                f"({type(module).__name__}); use the pattern capture path"
-            )
-    if attention_mask is not None and attention_mask.ndim != 2:
-        raise NotImplementedError(
-            "the streamed attention path takes causal/bidirectional attention with key padding; "
-            f"got a custom {attention_mask.ndim}D attention mask"
-        )
-    causal = kwargs.get("is_causal")
-    causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-    q_len, k_len = query.shape[2], key.shape[2]
-    pad = attention_mask  # [batch, k_len] bool, True = real token
+def streamed_attention(call: AttentionCall) -> Tensor:
+    """The streamed path's attention function: the layer's output ``[batch, n_heads, q_len,
+    d_v]`` (SDPA, or the fused kernel where SDPA would need a mask) plus statistics for the
+    active recorder, computed from the same q and k."""
     recorder = _ACTIVE.get()
-
-    # SDPA needs a materialised mask for padding, and aligns is_causal top-left when
-    # q_len < k_len: there the stats kernel gives the output in the same pass.
-    use_kernel = pad is not None or (causal and 1 < q_len < k_len)
-    if use_kernel and dropout > 0:
-        raise NotImplementedError("attention dropout with padding is not supported here")
-    output = None
-    if recorder is not None:
-        output = recorder._record(
-            module, query, key, value, causal=causal, scale=scaling, key_padding_mask=pad,
-            need_output=use_kernel, may_output=dropout == 0,
-        )  # fmt: skip
-    elif use_kernel:
-        output = attention_stats(
-            query, key, value, causal=causal, scale=scaling, key_padding_mask=pad,
-            return_output=True,
-        ).output  # fmt: skip
-    if output is None:
-        output = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, scale=scaling, is_causal=causal and q_len > 1,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )  # fmt: skip
-    return output.transpose(1, 2).contiguous(), None
+    need_output = needs_kernel_output(call)
+    output = None if recorder is None else recorder._record(call, need_output=need_output)
+    return attend(call) if output is None else output
 
 
-def streamed_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    mask_function: Any = None,
-    attention_mask: Tensor | None = None,
-    local_size: int | None = None,
-    **kwargs: Any,
-) -> Tensor | None:
-    """``AttentionMaskInterface`` function: the 2D key padding mask ``[batch, kv_length]``
-    (True = real token), or None when nothing is padded."""
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
-
-    plain = mask_function in (causal_mask_function, bidirectional_mask_function)
-    if not plain and not (local_size is not None and kv_offset + kv_length <= local_size):
-        raise NotImplementedError(
-            "the streamed attention path supports causal and bidirectional attention with "
-            "padding; this model asked for another mask (sliding window or chunks shorter than "
-            f"the input ({local_size} < {kv_offset + kv_length}), packed sequences, or a custom "
-            "mask function)"
-        )
-    if attention_mask is None:
-        return None
-    if attention_mask.ndim != 2:
-        raise NotImplementedError(f"expected a 2D padding mask, got {attention_mask.ndim}D")
-    pad = attention_mask.bool()[:, kv_offset : kv_offset + kv_length]
-    if pad.shape[1] < kv_length:  # keys beyond the given mask are real (e.g. a static cache)
-        pad = F.pad(pad, (0, kv_length - pad.shape[1]), value=True)
-    if bool(pad.all()):
-        return None
-    return pad.expand(batch_size, -1)
-
-
-def register() -> None:
-    """Register the attention and mask functions with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION_NAME, streamed_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, streamed_mask)
-
-
-def _configs(model: torch.nn.Module) -> list[Any]:
-    """Every config object whose attention implementation ``set_attn_implementation`` may
-    change: the model's, its sub-configs' (any depth) and every submodule's."""
-    seen: dict[int, Any] = {}
-    stack = [m.config for m in model.modules() if hasattr(m, "config")]
-    while stack:
-        config = stack.pop()
-        if config is None or id(config) in seen or not hasattr(config, "sub_configs"):
-            continue
-        seen[id(config)] = config
-        stack.extend(getattr(config, key, None) for key in config.sub_configs)
-    return list(seen.values())
+register(ATTENTION_NAME, streamed_attention)
