@@ -11,7 +11,7 @@ group.
   ``blocks.{l}.attn.hook_z [batch, q_pos, head, d_head]`` for the output kinds.
 * ``path="streamed"`` (any length): the Hugging Face model with the attention function of
   :mod:`interventions.streamed`; the pattern kinds are computed in closed form.
-* ``path="auto"``: pattern up to ``PATTERN_PATH_MAX_TOKENS`` tokens, streamed beyond.
+* ``path="auto"``: :func:`workbench.capture.resolve_path` (pattern for short prompts).
 
 Kinds that read another run (resample, patch_output, patch_pattern) name a prompt variant;
 ``sources`` maps that name to token ids shaped like the batch, and a clean forward pass over
@@ -30,14 +30,12 @@ from torch import Tensor
 
 from interventions import ops
 from interventions.specs import Intervention, MeanAblation, PatchPattern, spec_source
-from interventions.streamed import use_attention
-from workbench.capture import PATTERN_PATH_MAX_TOKENS
+from interventions.streamed import intervening
+from workbench.capture import PATHS, AttentionCall, resolve_path
 from workbench.errors import InterventionError, ShapeError
 from workbench.models import Model
 
 __all__ = ["PATHS", "Intervener", "RunOutput", "intervene"]
-
-PATHS = ("auto", "pattern", "streamed")
 SHUFFLED = "shuffled"
 
 
@@ -71,13 +69,6 @@ class Intervener:
 
     # -- checks ------------------------------------------------------------------------------
 
-    def resolve_path(self, path: str, seq_len: int) -> str:
-        if path not in PATHS:
-            raise InterventionError(f"path must be one of {PATHS}, got {path!r}")
-        if path == "auto":
-            return "pattern" if seq_len <= PATTERN_PATH_MAX_TOKENS else "streamed"
-        return path
-
     def validate(self, specs: Iterable[Intervention]) -> None:
         """Raise `InterventionError` for heads outside the model."""
         info = self.model.info
@@ -100,7 +91,7 @@ class Intervener:
         seq, d]`` and ``k [b, kv_head, seq, d]`` (streamed path)."""
         tokens = self._check_tokens(tokens)
         layers = sorted(set(layers))
-        path = self.resolve_path(path, tokens.shape[1])
+        path = resolve_path(path, tokens.shape[1])
         out: dict[int, dict[str, Tensor]] = {layer: {} for layer in layers}
         if path == "pattern":
 
@@ -118,14 +109,15 @@ class Intervener:
             self.model.bridge().run_with_hooks(tokens, fwd_hooks=hooks)
         else:
 
-            def work(layer, module, q, k, v, attn_out, causal, scale) -> Tensor:
-                z = attn_out.transpose(1, 2)
-                out[layer]["z"] = z.detach().clone()
+            def work(call: AttentionCall, attn_out: Tensor) -> Tensor:
+                z = attn_out.transpose(1, 2)  # [batch, seq, head, d_head]
+                out[call.layer]["z"] = z.detach().clone()
                 if attention:
-                    out[layer]["q"], out[layer]["k"] = q.detach().clone(), k.detach().clone()
+                    out[call.layer]["q"] = call.query.detach().clone()
+                    out[call.layer]["k"] = call.key.detach().clone()
                 return z
 
-            with use_attention(self.model.hf, set(layers), work):
+            with intervening(self.model.hf, set(layers), work):
                 self.model.hf(tokens, logits_to_keep=1)
         return out
 
@@ -172,7 +164,7 @@ class Intervener:
         """
         tokens = self._check_tokens(tokens)
         batch, seq_len = tokens.shape
-        path = self.resolve_path(path, seq_len)
+        path = resolve_path(path, seq_len)
         if delta and path != "streamed":
             raise InterventionError("delta recording runs on the streamed path")
         specs = [spec for group in groups for spec in group]
@@ -348,13 +340,21 @@ class Intervener:
         group = self.model.info.group_size
         deltas: dict[int, Tensor] = {}
 
-        def work(layer, module, q, k, v, attn_out, causal, scale) -> Tensor:
+        def work(call: AttentionCall, attn_out: Tensor) -> Tensor:
             # q [batch, head, seq, d], k/v [batch, kv_head, seq, d], attn_out [batch, head, seq, d]
+            layer, q, k, v = call.layer, call.query, call.key, call.value
             before = attn_out.transpose(1, 2)
             out = attn_out
             for op in plan[layer]:
                 if op.spec.acts_on != "pattern":
                     continue
+                if not call.plain:
+                    raise InterventionError(
+                        f"{op.spec.kind} recomputes attention in closed form, which the "
+                        f"{type(call.module).__name__} layer {layer} cannot take (local window, "
+                        "chunks, softcap or learned sinks); output kinds (zero, mean, resample, "
+                        "scale, patch) work on every layer"
+                    )
                 if out is attn_out:
                     out = attn_out.clone()
                 kv = op.heads // group
@@ -365,7 +365,7 @@ class Intervener:
                                  ref["k"][op.source_rows][:, kv])  # fmt: skip
                 new = ops.new_attention_output(
                     op.spec, q[op.rows][:, op.heads], k[op.rows][:, kv], v[op.rows][:, kv],
-                    causal=causal, scale=scale, source_qk=source_qk,
+                    causal=call.causal, scale=call.scale, source_qk=source_qk,
                 )  # fmt: skip  # [R, H, seq, d]
                 index = (op.rows[:, None, None], op.heads[None, :, None], op.positions[None, None])
                 out[index] = new[:, :, op.positions].to(out.dtype)
@@ -375,7 +375,7 @@ class Intervener:
                 deltas[layer] = (z[:, tail] - before[:, tail]).float()
             return z
 
-        with use_attention(self.model.hf, set(plan), work):
+        with intervening(self.model.hf, set(plan), work):
             logits = self.model.hf(tokens, logits_to_keep=keep or 0).logits
         return logits, deltas
 
