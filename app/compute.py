@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 import workbench
-from workbench.errors import ModelLoadError, RunMismatchError
+from workbench.errors import ModelLoadError
 from workbench.models import Model, ModelInfo
+from workbench.store import check_run_model
 
 # Above this many tokens a pattern heatmap has unreadable labels; the page shows positions only.
 PATTERN_MAX_TOKENS = 64
@@ -55,19 +56,15 @@ class ModelPool:
 
     def get(self, info: ModelInfo) -> Model:
         """The model of a run; loads it on first use. Raises a WorkbenchError if it cannot be
-        loaded or is not the model the run was made with (config hash differs)."""
+        loaded or is not the model the run was made with
+        (:func:`workbench.store.check_run_model`)."""
         key = (model_spec(info), info.config_hash)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:  # one load per model even when two requests ask at once
             if key not in self._models:
                 model = workbench.load(key[0], device=self.device)
-                if model.info.config_hash != info.config_hash:
-                    raise RunMismatchError(
-                        f"{key[0]!r} now loads a model with config hash "
-                        f"{model.info.config_hash}, but the run was made with "
-                        f"{info.config_hash}"
-                    )
+                check_run_model(info, model.info, f"the run (its model reloaded from {key[0]!r})")
                 self._models[key] = model
                 self.loads += 1
             return self._models[key]

@@ -21,6 +21,7 @@ from typing import Any
 
 from workbench.atomic import atomic_write_text
 from workbench.errors import InterventionError
+from workbench.store import check_run_model, open_run
 
 
 def _task(args: argparse.Namespace) -> Any:
@@ -39,15 +40,10 @@ def _heads_option(args: argparse.Namespace, model: Any) -> list[Any] | None:
     if args.heads:
         return [parse_head(h) for h in args.heads.split(",")]
     if args.scores:
-        from workbench.store import open_run
-
         if not args.score:
             raise InterventionError("--scores needs --score NAME (the score table to rank by)")
         with open_run(args.scores) as run:
-            if run.model.name != model.info.name:
-                raise InterventionError(
-                    f"{args.scores} is a run of {run.model.name!r}, not {model.info.name!r}"
-                )
+            check_run_model(run.model, model.info, args.scores)
             table = run.score(args.score)
         return top_heads(table, args.top_k or 10)
     return None

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.store import check_run_model, open_run
 
 EXIT_USER_ERROR = 2
 
@@ -85,7 +87,6 @@ def _device_map(text: str) -> str | dict[str, Any]:
 
 def _cmd_show(args: argparse.Namespace) -> None:
     from workbench.scanner import ScanResult
-    from workbench.store import open_run
 
     with open_run(args.run) as run:
         names = args.scores.split(",") if args.scores else run.score_names
@@ -102,7 +103,6 @@ def _cmd_show(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from workbench.export import export, select_full
     from workbench.headmap import HeadMap, Policy
-    from workbench.store import open_run
 
     policy = Policy(
         full_label=args.full_label,
@@ -111,7 +111,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         gqa_rule=args.gqa,
     )
     with open_run(args.run) as run:
-        _check_identity(run.model, args.model, args.heads)
+        asserted = {"name": args.model} if args.model is not None else {}
+        check_run_model(run.model, {**asserted, **(args.heads or {})}, args.run)
         headmap = HeadMap.from_run(run, policy)
     kwargs = {"score": args.score, "threshold": args.threshold, "full_fraction": args.full_fraction}
     for path in export(headmap, args.format, args.out, **kwargs):
@@ -124,17 +125,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
         )
 
 
-def _check_identity(info: Any, model: str | None, heads: str | None) -> None:
-    from workbench.errors import RunMismatchError
-
-    if model is not None and model != info.name:
-        raise RunMismatchError(f"run is of model {info.name!r}, not {model!r}")
-    if heads is not None:
-        found = f"{info.n_layers},{info.n_heads},{info.n_kv_heads}"
-        if heads.replace(" ", "") != found:
-            raise RunMismatchError(
-                f"run has layers,heads,kv_heads = {found}, not {heads} as requested"
-            )
+def _head_counts(text: str) -> dict[str, int]:
+    """``--heads L,H,KV`` (spaces allowed) as the model identity fields it asserts."""
+    match = re.fullmatch(r" *([0-9]+) *, *([0-9]+) *, *([0-9]+) *", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected L,H,KV (three integers), got {text!r}")
+    return dict(zip(("n_layers", "n_heads", "n_kv_heads"), map(int, match.groups()), strict=True))
 
 
 def _cmd_evaluate_map(args: argparse.Namespace) -> None:
@@ -142,26 +138,17 @@ def _cmd_evaluate_map(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from workbench.atomic import atomic_write_text
-    from workbench.errors import RunMismatchError
     from workbench.export import select_full
     from workbench.headmap import HeadMap, Policy
     from workbench.models import load
     from workbench.serving import evaluate_map, machine
-    from workbench.store import open_run
     from workbench.tasks.needle import NEEDLES, needle_grid, toy_recall_grid
 
     policy = Policy(sink_size=args.sink_size, recent_size=args.recent_size, gqa_rule=args.gqa)
     with open_run(args.run) as run:
         headmap = HeadMap.from_run(run, policy)
     model = load(args.model or headmap.model.name, device=args.device)
-    mine, theirs = model.info, headmap.model
-    if (mine.n_layers, mine.n_heads, mine.n_kv_heads, mine.config_hash) != (
-        theirs.n_layers, theirs.n_heads, theirs.n_kv_heads, theirs.config_hash
-    ):  # fmt: skip
-        raise RunMismatchError(
-            f"the run was made on {theirs.name} ({theirs.config_hash}), the model loaded is "
-            f"{mine.name} ({mine.config_hash}); pass --model with the run's model"
-        )
+    check_run_model(headmap.model, model.info, args.run)
     maps: dict[str, np.ndarray] = {}
     score = select_full(headmap, score=args.score, full_fraction=0.0).score
     if headmap.table(score).threshold is not None:
@@ -172,7 +159,7 @@ def _cmd_evaluate_map(args: argparse.Namespace) -> None:
         if not any(np.array_equal(selection.kv_full, m) for m in maps.values()):
             maps[selection.rule] = selection.kv_full
     task = args.task if args.task != "auto" else (
-        "toy-recall" if mine.name == "toy-recall" else "prose"
+        "toy-recall" if model.info.name == "toy-recall" else "prose"
     )  # fmt: skip
     try:
         if task == "toy-recall":
@@ -204,7 +191,7 @@ def _cmd_evaluate_map(args: argparse.Namespace) -> None:
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k != "handler"}
         document = {
-            "model": mine.name,
+            "model": model.info.name,
             "run": str(args.run),
             "machine": machine(),
             "task": task,
@@ -386,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-size", type=int, default=4, help="sink tokens for streaming heads")
     p.add_argument("--recent-size", type=int, default=256, help="recent window for streaming heads")
     p.add_argument("--model", help="refuse the run unless its model has this name")
-    p.add_argument("--heads", metavar="L,H,KV", help="refuse the run unless it has these counts")
+    p.add_argument(
+        "--heads",
+        metavar="L,H,KV",
+        type=_head_counts,
+        help="refuse the run unless it has these layer, head and KV-head counts",
+    )
 
     p = command(
         "evaluate-map",

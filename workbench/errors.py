@@ -39,7 +39,8 @@ class SchemaVersionError(RunFileError):
 
 
 class RunMismatchError(RunFileError):
-    """A partial run cannot be resumed because its model or prompts differ from the request."""
+    """A run file belongs to another model than the one at hand (``check_run_model`` in
+    ``workbench.store``), or the parts of a data-parallel scan do not fit together."""
 
 
 class DistributedError(WorkbenchError):

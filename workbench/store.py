@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,55 @@ class Run:
 def open_run(path: str | Path) -> Run:
     """Open a run file lazily (see :class:`Run`)."""
     return Run(path)
+
+
+# The fields that say which model a run was made with. The config hash covers the architecture;
+# the name tells apart checkpoints that share one config (a quantized file and its original).
+MODEL_IDENTITY = {  # field -> how a message calls it
+    "name": "name",
+    "n_layers": "layer count",
+    "n_heads": "head count",
+    "n_kv_heads": "KV head count",
+    "config_hash": "config hash",
+}
+
+
+def check_run_model(
+    run: ModelInfo, model: ModelInfo | Mapping[str, Any], where: str | Path = "the run"
+) -> None:
+    """Raise :class:`RunMismatchError` unless a run (``run``: its model identity, ``Run.model``)
+    was made with ``model``.
+
+    ``model`` is the :class:`ModelInfo` of a loaded model (or of another run file), or only the
+    fields a user asserted, e.g. ``{"name": "smollm2-135m"}`` for ``workbench export --model``:
+    the fields of :data:`MODEL_IDENTITY` it holds must all be equal. The message names both
+    models and what differs, ``where`` names the run (its path, usually)::
+
+        runs/a.h5 was made with tiny-llama (2 layers x 4 heads, 2 KV heads, config hash
+        9f1c...), not with llama (name differs)
+    """
+    wanted = model.to_dict() if isinstance(model, ModelInfo) else dict(model)
+    differ = [k for k in MODEL_IDENTITY if k in wanted and wanted[k] != getattr(run, k)]
+    if differ:
+        fields = ", ".join(MODEL_IDENTITY[k] for k in differ)
+        raise RunMismatchError(
+            f"{where} was made with {_describe_model(run.to_dict())}, not with "
+            f"{_describe_model(wanted)} ({fields} differ{'s' if len(differ) == 1 else ''})"
+        )
+
+
+def _describe_model(fields: Mapping[str, Any]) -> str:
+    """``name (L layers x H heads, KV KV heads, config hash X)``, with the fields given."""
+    details = []
+    if "n_layers" in fields or "n_heads" in fields:
+        details.append(f"{fields.get('n_layers', '?')} layers x {fields.get('n_heads', '?')} heads")
+    if "n_kv_heads" in fields:
+        details.append(f"{fields['n_kv_heads']} KV heads")
+    if "config_hash" in fields:
+        details.append(f"config hash {fields['config_hash']}")
+    if "name" not in fields:
+        return ", ".join(details)
+    return f"{fields['name']} ({', '.join(details)})" if details else str(fields["name"])
 
 
 class RunWriter:
@@ -366,8 +416,9 @@ class MeasurementWriter:
         covered = np.zeros(self.n_items, dtype=bool)
         for path in map(Path, parts):
             with open_h5(path, RUN_SCHEMA, RUN_SCHEMA_VERSION) as f:
-                if f.attrs["model_config_hash"] != self._f.attrs["model_config_hash"]:
-                    raise RunMismatchError(f"{path} is a part of a scan of another model")
+                check_run_model(
+                    model_info_from_attrs(f.attrs), model_info_from_attrs(self._f.attrs), path
+                )
                 group = f.get(f"measurements/{key}")
                 if group is None or "item_index" not in group:
                     raise RunFileError(f"{path} holds no part of measurement {key!r}")
@@ -424,9 +475,9 @@ def _inputs_hash(texts: list[str], token_ids: list[np.ndarray]) -> str:
 def write_circuit(path: str | Path, name: str, circuit_json: str, info: ModelInfo) -> Path:
     """Store a circuit's JSON under ``/circuits/<name>`` of the run file at ``path``.
 
-    An existing run file must belong to the same model (config hash); it is copied, extended and
-    renamed over the original, so a failure leaves it untouched. Without a file, a run file that
-    holds only the circuit is created.
+    An existing run file must belong to the same model (:func:`check_run_model`); it is copied,
+    extended and renamed over the original, so a failure leaves it untouched. Without a file, a
+    run file that holds only the circuit is created.
     """
     import shutil
 
@@ -436,11 +487,7 @@ def write_circuit(path: str | Path, name: str, circuit_json: str, info: ModelInf
         writer._f.create_dataset(f"circuits/{name}", data=circuit_json, dtype=UTF8)
         return writer.finish()
     with Run(path) as run:
-        if run.model.config_hash != info.config_hash:
-            raise RunMismatchError(
-                f"{path} holds a run of {run.model.name} ({run.model.config_hash}); the circuit "
-                f"is of {info.name} ({info.config_hash})"
-            )
+        check_run_model(run.model, info, path)  # the circuit's model
     partial = partial_path(path)
     shutil.copyfile(path, partial)
     with h5py.File(partial, "r+") as f:

@@ -2,8 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from workbench.cli import main
+from workbench.cli import build_parser, main
 from workbench.export import export, select_full
 from workbench.headmap import HeadMap, HeadMapError, Policy
 from workbench.scores import ScoreTable
@@ -107,8 +109,9 @@ def test_cli_export_and_identity_checks(run_path, tmp_path, capsys):
     assert main(["export", str(run_path), "--format", "json", "--out", str(tmp_path / "j")]) == 0
     HeadMap.load(tmp_path / "j" / "headmap.json")
     cases = [
-        (["--model", "llama"], "run is of model 'tiny-llama', not 'llama'"),
-        (["--heads", "30,9,3"], "not 30,9,3 as requested"),
+        (["--model", "llama"], "was made with tiny-llama (2 layers x 4 heads, 2 KV heads, config "),
+        (["--model", "llama"], "not with llama (name differs)"),
+        (["--heads", "30,9,3"], "not with 30 layers x 9 heads, 3 KV heads (layer count, head "),
         (["--score", "nope"], "no score 'nope'"),
         (["--full-fraction", "1.5"], "full fraction must be in [0, 1]"),
     ]
@@ -117,3 +120,26 @@ def test_cli_export_and_identity_checks(run_path, tmp_path, capsys):
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it before any work
+        main(["export", str(run_path), "--format", "duo", "--out", str(tmp_path / "x"),
+              "--heads", "30,9"])  # fmt: skip
+    assert stop.value.code == 2
+    assert "expected L,H,KV (three integers), got '30,9'" in capsys.readouterr().err
+
+
+@given(st.text(alphabet=" ,0123456789-+_x.", max_size=12))
+def test_heads_option_takes_exactly_three_counts(text):
+    """``--heads`` is three comma-separated counts (spaces allowed) or a usage error, never a
+    reinterpretation: it asserts exactly the numbers it was given."""
+    argv = ["export", "r.h5", "--format", "duo", "--out", "x", f"--heads={text}"]
+    parts = [p.strip(" ") for p in text.split(",")]
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        counts = build_parser().parse_args(argv).heads
+        assert counts == {
+            "n_layers": int(parts[0]),
+            "n_heads": int(parts[1]),
+            "n_kv_heads": int(parts[2]),
+        }
+    else:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)

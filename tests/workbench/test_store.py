@@ -1,3 +1,5 @@
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -6,11 +8,12 @@ from workbench.errors import (
     ForeignFileError,
     MissingEntryError,
     RunFileError,
+    RunMismatchError,
     SchemaVersionError,
     ShapeError,
 )
 from workbench.scores import ScoreTable
-from workbench.store import RunWriter, open_run, partial_path
+from workbench.store import MODEL_IDENTITY, RunWriter, check_run_model, open_run, partial_path
 
 TEXTS = ["one", "two", "three"]
 IDS = [np.arange(3), np.arange(4), np.arange(2)]
@@ -120,3 +123,24 @@ def test_unfinished_run_is_refused(tmp_path, tiny_model):
     RunWriter(tmp_path / "r.h5", tiny_model.info, {}).close()
     with pytest.raises(RunFileError, match="unfinished scan"):
         open_run(partial_path(tmp_path / "r.h5"))
+
+
+def test_run_model_check_compares_every_identity_field(tiny_model):
+    info = tiny_model.info
+    check_run_model(info, info)  # the same model
+    check_run_model(info, dataclasses.replace(info, revision="elsewhere", max_context=7))
+    check_run_model(info, {"name": info.name, "n_kv_heads": info.n_kv_heads})  # asserted fields
+    for field in MODEL_IDENTITY:
+        other = dataclasses.replace(info, **{field: getattr(info, field) * 2})
+        with pytest.raises(RunMismatchError, match=rf"\({MODEL_IDENTITY[field]} differs\)$"):
+            check_run_model(info, other, "r.h5")
+    other = dataclasses.replace(info, name="other", config_hash="0" * 16)
+    with pytest.raises(RunMismatchError) as error:
+        check_run_model(info, other, "r.h5")
+    assert str(error.value) == (
+        f"r.h5 was made with tiny-llama (2 layers x 4 heads, 2 KV heads, config hash "
+        f"{info.config_hash}), not with other (2 layers x 4 heads, 2 KV heads, config hash "
+        f"{'0' * 16}) (name, config hash differ)"
+    )
+    with pytest.raises(RunMismatchError, match=r"not with llama \(name differs\)$"):
+        check_run_model(info, {"name": "llama"}, "r.h5")
