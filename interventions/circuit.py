@@ -28,9 +28,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from interventions import path_patching as pp
 from workbench.atomic import atomic_write_text
 from workbench.errors import InterventionError
-from workbench.models import Model
+from workbench.models import Model, ModelInfo
+from workbench.store import open_run, write_circuit
 from workbench.tasks.templated import TaskDataset
 
 CIRCUIT_SCHEMA = "attention-head-workbench/circuit"
@@ -293,9 +295,6 @@ class Circuit:
 
     def store(self, run_path: str | Path, name: str | None = None) -> Path:
         """Store in a run file under ``/circuits/<name>`` (default: the task name)."""
-        from workbench.models import ModelInfo
-        from workbench.store import write_circuit
-
         info = ModelInfo(**self.model)
         return write_circuit(
             run_path, name or str(self.task.get("task", "circuit")), self.to_json(), info
@@ -303,8 +302,6 @@ class Circuit:
 
     @classmethod
     def from_run(cls, run_path: str | Path, name: str) -> Circuit:
-        from workbench.store import open_run
-
         with open_run(run_path) as run:
             return cls.from_json(run.circuit(name))
 
@@ -348,8 +345,6 @@ def faithfulness(
 ) -> dict[str, Any]:
     """Mean-ablate every head outside ``circuit`` (template-wise ABC mean by position) and report
     the share of the logit difference kept, plus completeness/minimality with ``checks``."""
-    from interventions import path_patching as pp
-
     info = model.info
     means = pp.position_means(pp.record(model, abc, patterns=False).z, clean.groups)
     in_circuit = torch.zeros(info.n_layers, info.n_heads, dtype=torch.bool)

@@ -25,7 +25,7 @@ Two variants, one definition:
 
 * ``decode`` (the paper's): prefill the prompt, then decode step by step with a KV cache; each
   step's argmax keys come from the streamed capture path
-  (:class:`workbench.streamed.StreamedRecorder` with ``q_positions`` = the decoding queries, so
+  (:class:`workbench.capture.StreamedRecorder` with ``q_positions`` = the decoding queries, so
   the kernels return the argmax key of just those rows; no L×L tensor).
 * ``forced`` (teacher forcing): one prefill over prompt + answer; the queries are the positions
   whose next token is an answer token, y_t is that answer token, and the trial counts when the
@@ -45,11 +45,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probes.base import Measurement, ScanContext
+from workbench.capture import StreamedRecorder
 from workbench.errors import ProbeOptionError
 from workbench.models import Model
+from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
-from workbench.streamed import StreamedRecorder
+from workbench.store import open_run
 from workbench.tasks.needle import (
     NEEDLES,
     NeedleTrial,
@@ -276,8 +277,6 @@ class RetrievalProbe:
 def report(run_path: str) -> str:
     """Plain-text summary of a run's retrieval scores: per target length the counted trials and
     the retrieval heads, the top heads, and (when both variants ran) how far they agree."""
-    from workbench.store import open_run
-
     lines = []
     with open_run(run_path) as run:
         info = run.model

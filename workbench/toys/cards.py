@@ -28,9 +28,11 @@ import torch
 from transformers import PreTrainedModel
 
 from workbench.atomic import atomic_write_text
+from workbench.models import load
+from workbench.tasks import get_task
+from workbench.tasks.toy import BigramBackcopy, ToyBatch
+from workbench.tasks.toy import __doc__ as TASKS_DOC
 from workbench.toys import evidence as ev
-from workbench.toys.tasks import BigramBackcopy, ToyBatch, get_task
-from workbench.toys.tasks import __doc__ as TASKS_DOC
 from workbench.toys.train import EVAL_SEED, MODELS_DIR
 
 SCHEMA_VERSION = 1
@@ -189,7 +191,7 @@ def load_heads(name: str, model_dir: Path | None = None) -> dict[str, Any]:
 
 def attention_tables(name: str, model: PreTrainedModel, batch: ToyBatch) -> dict[str, torch.Tensor]:
     """Every attention statistic used by the task's roles and card, each [layer, head]."""
-    task = get_task(name)
+    task = get_task(name, kind="toy")
     patterns = ev.attention_patterns(model, batch)  # [layer, batch, head, q, k]
     if isinstance(task, BigramBackcopy):
         return ev.bb_dormant_attention(patterns, batch, task)
@@ -227,7 +229,7 @@ def measure(
     name: str, model: PreTrainedModel, *, seed: int = EVAL_SEED, n: int = N_EVAL
 ) -> dict[str, Any]:
     """All card numbers for `model` (the HF module of toy model `name`) on `n` fresh samples."""
-    batch = get_task(name).sample(n, seed)
+    batch = get_task(name, kind="toy").sample(n, seed)
     base = ev.task_metrics(model, batch)
     tables = attention_tables(name, model, batch)
     single = {h: _drops(base, m) for h, m in ev.per_head_ablation(model, batch).items()}
@@ -272,7 +274,7 @@ def measure(
         "control_heads": [list(h) for h in others],
         "control_single_head": _mean([single[h] for h in others]),
     }
-    if isinstance(get_task(name), BigramBackcopy):
+    if isinstance(get_task(name, kind="toy"), BigramBackcopy):
         result["extreme_tokens"] = ev.bb_extreme_tokens(model, batch)
     return result
 
@@ -468,10 +470,8 @@ def render_card(doc: dict[str, Any], result: dict[str, Any], config: dict[str, A
 
 def write_card(name: str, model_dir: Path | None = None) -> Path:
     """Measure the model in `model_dir` (default data/models/NAME), write CARD.md and heads.json."""
-    from workbench.models import load
-
     model_dir = Path(model_dir) if model_dir is not None else MODELS_DIR / name
-    get_task(name)  # unknown names fail here, before loading anything
+    get_task(name, kind="toy")  # unknown names fail here, before loading anything
     model = load(str(model_dir), device="cpu")
     result = measure(name, model.hf)
     training = json.loads((model_dir / "training.json").read_text())
