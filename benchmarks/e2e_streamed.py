@@ -29,7 +29,6 @@ import datetime
 import importlib.util
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -42,17 +41,21 @@ ROOT = Path(__file__).resolve().parent.parent
 MARK_START, MARK_END = "<!-- e2e:start -->", "<!-- e2e:end -->"
 
 
-def _load_streamed():
-    """workbench/streamed.py by path: importing the workbench package would also import its
-    app-level dependencies (plotly, h5py, ...), which a bare GPU image may lack."""
+def _load(relative: str):
+    """A workbench module by path (``workbench/streamed.py``): importing the workbench package
+    would also import its app-level dependencies (plotly, h5py, ...), which a bare GPU image may
+    lack."""
     sys.path.insert(0, str(ROOT))  # for `kernels`
     spec = importlib.util.spec_from_file_location(
-        "workbench_streamed", ROOT / "workbench" / "streamed.py"
+        "workbench_" + Path(relative).stem, ROOT / relative
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+atomic = _load("workbench/atomic.py")  # atomic_write_text
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    streamed = _load_streamed()
+    streamed = _load("workbench/streamed.py")
     if args.check:
         return 0 if check(streamed, args.device) else 1
     config = LlamaConfig(
@@ -211,17 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", result["device_name"].lower()).strip("-")
-    _write_atomic(args.out / f"{slug}-e2e.json", json.dumps(result, indent=1))
+    atomic.atomic_write_text(args.out / f"{slug}-e2e.json", json.dumps(result, indent=1))
     write_docs(result, args.docs)
     print(json.dumps(result, indent=1))
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_docs(result: dict, path: Path) -> None:
@@ -255,7 +251,7 @@ def write_docs(result: dict, path: Path) -> None:
         text = pre + block + rest.split(MARK_END, 1)[1]
     else:
         text += "\n" + block + "\n"
-    _write_atomic(path, text)
+    atomic.atomic_write_text(path, text)
 
 
 if __name__ == "__main__":

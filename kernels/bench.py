@@ -27,7 +27,6 @@ import datetime
 import importlib
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import attention_stats, received_attention, reference
+from workbench.atomic import atomic_write_text
 
 # the package re-exports functions under the submodules' names; fetch the modules themselves
 stats_module = importlib.import_module("kernels.attention_stats")
@@ -393,13 +393,6 @@ def targets(rows: list[dict]) -> list[dict]:
     ]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_docs(result: dict, path: Path) -> None:
     """Replace the text between the bench markers of ``path`` with the result's tables."""
     rows = result["rows"]
@@ -424,7 +417,7 @@ def write_docs(result: dict, path: Path) -> None:
         text = pre + block + rest.split(MARK_END, 1)[1]
     else:
         text += "\n" + block + "\n"
-    _write_atomic(path, text)
+    atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             n_kv, d, tuple(args.lengths), log=lambda r: print(json.dumps(r), flush=True)
         )
         result["targets"] = targets(result["rows"])
-        _write_atomic(json_path, json.dumps(result, indent=1))
+        atomic_write_text(json_path, json.dumps(result, indent=1))
     write_docs(result, args.docs)
     for n_kv, d in SHAPES:
         print(_table(result["rows"], n_kv, d), "\n")

@@ -16,7 +16,6 @@ as float32 (float16 would lose bf16's range). The file appears atomically when c
 from __future__ import annotations
 
 import fnmatch
-import os
 import sys
 from pathlib import Path
 
@@ -25,9 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workbench.atomic import atomic_path
 from workbench.errors import MissingEntryError, WorkbenchError
 from workbench.models import Model, ModelInfo
-from workbench.store import UTF8, model_info_from_attrs, open_h5, partial_path, workbench_version
+from workbench.store import UTF8, model_info_from_attrs, open_h5, workbench_version
 from workbench.tasks import PromptSet
 
 CACHE_SCHEMA = "attention-head-workbench/cache"
@@ -57,49 +57,42 @@ def write_cache(
 ) -> Path:
     """Cache the activations of ``hooks`` (glob) for every prompt into ``out``; returns its path."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     names = matching_hooks(model, hooks)
-    partial = partial_path(out)
     bridge = model.bridge()
-    try:
-        with h5py.File(partial, "w") as f:
-            f.attrs.update(
-                {
-                    "schema": CACHE_SCHEMA,
-                    "schema_version": CACHE_SCHEMA_VERSION,
-                    "workbench_version": workbench_version(),
-                    "hooks": names,
-                    "complete": False,
-                    **{f"model_{k}": v for k, v in model.info.to_dict().items()},
-                }
+    with atomic_path(out) as partial, h5py.File(partial, "w") as f:
+        f.attrs.update(
+            {
+                "schema": CACHE_SCHEMA,
+                "schema_version": CACHE_SCHEMA_VERSION,
+                "workbench_version": workbench_version(),
+                "hooks": names,
+                "complete": False,
+                **{f"model_{k}": v for k, v in model.info.to_dict().items()},
+            }
+        )
+        f.create_dataset("prompts/texts", data=list(prompts.texts), dtype=UTF8)
+        for index, text in enumerate(
+            tqdm(
+                prompts.texts,
+                desc="cache",
+                unit="prompt",
+                disable=not progress,
+                file=sys.stderr,
             )
-            f.create_dataset("prompts/texts", data=list(prompts.texts), dtype=UTF8)
-            for index, text in enumerate(
-                tqdm(
-                    prompts.texts,
-                    desc="cache",
-                    unit="prompt",
-                    disable=not progress,
-                    file=sys.stderr,
+        ):
+            ids = model.tokenize(text, max_tokens)
+            _, acts = bridge.run_with_cache(ids[None].to(model.device), names_filter=names)
+            for name in names:
+                array = _storable(acts[name][0])  # batch dimension dropped
+                f.create_dataset(
+                    f"acts/{name}/{index}",
+                    data=array,
+                    compression="gzip",
+                    compression_opts=4,
+                    chunks=True,
                 )
-            ):
-                ids = model.tokenize(text, max_tokens)
-                _, acts = bridge.run_with_cache(ids[None].to(model.device), names_filter=names)
-                for name in names:
-                    array = _storable(acts[name][0])  # batch dimension dropped
-                    f.create_dataset(
-                        f"acts/{name}/{index}",
-                        data=array,
-                        compression="gzip",
-                        compression_opts=4,
-                        chunks=True,
-                    )
-                del acts
-            f.attrs["complete"] = True
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+            del acts
+        f.attrs["complete"] = True
     return out
 
 

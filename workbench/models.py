@@ -26,8 +26,6 @@ import importlib.util
 import itertools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from workbench.atomic import atomic_dir
 from workbench.errors import ModelLoadError, ModelNotInstalledError, UnknownModelError
 
 if TYPE_CHECKING:
@@ -408,7 +407,6 @@ def _load_gguf(
 def _dequantize_gguf(path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -423,17 +421,9 @@ def _dequantize_gguf(path: Path, target: Path) -> None:
     hf.hf_quantizer = None
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=False) as tmp:  # a concurrent load that finished first wins
         hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # a concurrent load finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_hf_dir(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +37,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from workbench.atomic import atomic_path
 from workbench.errors import (
     ForeignFileError,
     MissingEntryError,
@@ -479,8 +481,6 @@ def write_circuit(path: str | Path, name: str, circuit_json: str, info: ModelInf
     extended and renamed over the original, so a failure leaves it untouched. Without a file, a
     run file that holds only the circuit is created.
     """
-    import shutil
-
     path = Path(path)
     if not path.exists():
         writer = RunWriter(path, info, {"circuit": name})
@@ -488,12 +488,11 @@ def write_circuit(path: str | Path, name: str, circuit_json: str, info: ModelInf
         return writer.finish()
     with Run(path) as run:
         check_run_model(run.model, info, path)  # the circuit's model
-    partial = partial_path(path)
-    shutil.copyfile(path, partial)
-    with h5py.File(partial, "r+") as f:
-        key = f"circuits/{name}"
-        if key in f:
-            del f[key]
-        f.create_dataset(key, data=circuit_json, dtype=UTF8)
-    os.replace(partial, path)
+    with atomic_path(path) as copy:
+        shutil.copyfile(path, copy)
+        with h5py.File(copy, "r+") as f:
+            key = f"circuits/{name}"
+            if key in f:
+                del f[key]
+            f.create_dataset(key, data=circuit_json, dtype=UTF8)
     return path

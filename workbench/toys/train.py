@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from workbench.atomic import atomic_dir
 from workbench.errors import UnknownModelError, WorkbenchError
 from workbench.toys.tasks import IGNORE, ToyTask, get_task
 from workbench.toys.vocab import BOS, PAD, SPECIALS, build_tokenizer, save_tokenizer
@@ -161,10 +160,9 @@ def save_toy(model: LlamaForCausalLM, name: str, record: dict[str, object], out_
     """Write the HF-format checkpoint atomically: build it in a sibling temp dir, then rename."""
     task = get_task(name)
     _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is shipped data
-    try:
+    # A new checkpoint invalidates the old card and heads.json, so the old directory goes
+    # entirely (rebuild them with `python -m workbench.toys.cards NAME`).
+    with atomic_dir(out_dir, replace=True) as tmp:
         model.config._attn_implementation = "eager"  # what loading picks unless told otherwise
         hf_logging.disable_progress_bar()
         try:
@@ -173,14 +171,6 @@ def save_toy(model: LlamaForCausalLM, name: str, record: dict[str, object], out_
             hf_logging.enable_progress_bar()
         save_tokenizer(build_tokenizer(task.words), tmp, model_max_length=task.seq_len)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out_dir.exists():
-            # A new checkpoint invalidates the old card and heads.json, so the old directory
-            # goes entirely (rebuild them with `python -m workbench.toys.cards NAME`).
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train_toy(
