@@ -257,15 +257,6 @@ def key_mask(
             "extra mask function); the streamed path takes causal, bidirectional, local and "
             "chunked attention with key padding"
         )
-    window = chunk = None
-    if mask_function not in (causal_mask_function, bidirectional_mask_function):
-        if local_size is None:
-            raise CaptureError(
-                "this model asked for a custom attention mask function; the streamed path takes "
-                "causal, bidirectional, local and chunked attention with key padding"
-            )
-        if kv_offset + kv_length > local_size or q_offset + q_length > local_size:
-            window, chunk = _local_structure(mask_function, local_size, batch_size)
     padding = None
     if attention_mask is not None:
         if attention_mask.ndim != 2:
@@ -274,48 +265,64 @@ def key_mask(
         if padding.shape[1] < kv_length:  # keys beyond the given mask are real (a static cache)
             padding = F.pad(padding, (0, kv_length - padding.shape[1]), value=True)
         padding = None if bool(padding.all()) else padding.expand(batch_size, -1)
+    window = chunk = None
+    if mask_function not in (causal_mask_function, bidirectional_mask_function):
+        if local_size is None:
+            raise CaptureError(
+                "this model asked for a custom attention mask function; the streamed path takes "
+                "causal, bidirectional, local and chunked attention with key padding"
+            )
+        if kv_offset + kv_length > local_size or q_offset + q_length > local_size:
+            # chunks start at each sequence's first real token (transformers' chunked_overlay)
+            starts = [0] * batch_size
+            if padding is not None:
+                starts = padding.int().argmax(-1).tolist()  # leading padding keys per row
+            window, chunk = _local_structure(mask_function, local_size, starts)
     if padding is None and window is None and chunk is None:
         return None
     return KeyMask(padding=padding, window=window, chunk=chunk)
 
 
 def _local_structure(
-    mask_function: Callable, local_size: int, batch_size: int
+    mask_function: Callable, local_size: int, starts: list[int]
 ) -> tuple[int | None, int | None]:
     """``(window, chunk)`` of a local or chunked mask function, read off its values on query rows
-    around the window edge (keys 0 … 2·local_size + 2): a causal local window of ``local_size``
-    (Mistral, Gemma 2/3, gpt-oss, Cohere2), a bidirectional one (ModernBERT), or causal chunks
-    (Llama 4). Anything else raises `CaptureError`."""
-    n = 2 * local_size + 3
-    rows = torch.tensor(sorted({0, 1, local_size - 1, local_size, local_size + 1, n - 1}))
-    q = rows[:, None]  # [rows, 1] absolute query positions
-    kv = torch.arange(n)[None]  # [1, n] absolute key positions
-    candidates = {
-        ("window", True): (kv <= q) & (kv > q - local_size),
-        ("window", False): (q - kv).abs() <= local_size,
-        ("chunk", True): (kv <= q) & (kv // local_size == q // local_size),
-    }
-    try:
-        values = [
-            torch.as_tensor(
+    around the window edge (keys up to 2·local_size + 2 past each row's ``starts[b]``, its
+    leading padding): a causal local window of ``local_size`` (Mistral, Gemma 2/3, gpt-oss,
+    Cohere2), a bidirectional one (ModernBERT), or causal chunks starting at each row's first
+    real token (Llama 4). Anything else raises `CaptureError`."""
+    for b, start in enumerate(starts):
+        n = start + 2 * local_size + 3
+        rows = torch.tensor(sorted({start + r for r in (0, 1, local_size - 1, local_size)}
+                                   | {start + local_size + 1, n - 1}))  # fmt: skip
+        q = rows[:, None]  # [rows, 1] absolute query positions
+        kv = torch.arange(n)[None]  # [1, n] absolute key positions
+        candidates = {
+            ("window", True): (kv <= q) & (kv > q - local_size),
+            ("window", False): (q - kv).abs() <= local_size,
+            ("chunk", True): (kv <= q) & ((kv - start) // local_size == (q - start) // local_size),
+        }
+        try:
+            got = torch.as_tensor(
                 mask_function(torch.tensor(b), torch.tensor(0), q, kv), dtype=torch.bool
-            ).expand(len(rows), n)
-            for b in range(batch_size)
-        ]  # per batch: [rows, n] bool
-    except Exception as error:  # a mask function that is not index-based
-        raise CaptureError(
-            f"this model's attention mask function cannot be read by index ({error}); use the "
-            "pattern path"
-        ) from error
-    for (kind, causal), expected in candidates.items():
-        if all(torch.equal(v, expected) for v in values):
-            if kind == "chunk":
-                return None, local_size
-            return (local_size if causal else local_size + 1), None
+            ).expand(len(rows), n)  # [rows, n] bool
+        except Exception as error:  # a mask function that is not index-based
+            raise CaptureError(
+                f"this model's attention mask function cannot be read by index ({error}); use "
+                "the pattern path"
+            ) from error
+        kinds = {kind for kind, expected in candidates.items() if torch.equal(got, expected)}
+        if b == 0:
+            found = kinds
+        found &= kinds
+    if found:  # a window of 1 and chunks of 1 are the same mask: prefer the window
+        kind, causal = min(found, key=lambda found_kind: found_kind[0] == "chunk")
+        if kind == "chunk":
+            return None, local_size
+        return (local_size if causal else local_size + 1), None
     raise CaptureError(
         f"this model's local attention mask (local_size={local_size}) is neither a sliding window "
-        "nor chunks of that size starting at position 0 (left padding shifts chunks: pad on the "
-        "right); use the pattern path"
+        "nor chunks of that size; use the pattern path"
     )
 
 

@@ -92,10 +92,14 @@ def test_key_mask_keeps_padding_and_refuses_custom_masks():
         key_mask(1, 4, 4, mask_function=lambda b, h, q, k: k <= q)
     with pytest.raises(CaptureError, match="neither a sliding window nor chunks"):
         key_mask(1, 20, 20, mask_function=lambda b, h, q, k: (k <= q) & (k % 2 == 0), local_size=4)
-    left_padded = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
-    chunked = chunked_causal_mask_function(3, torch.tensor([1]))
-    with pytest.raises(CaptureError, match="pad on the right"):
-        key_mask(1, 10, 10, mask_function=chunked, attention_mask=left_padded, local_size=3)
+    # left padding: chunks start at each row's first real token, as transformers' overlay says
+    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
+    chunked = chunked_causal_mask_function(3, torch.tensor([2, 0]))
+    mask = key_mask(2, 10, 10, mask_function=chunked, attention_mask=left_padded, local_size=3)
+    assert (mask.window, mask.chunk) == (None, 3) and mask.padding is not None
+    misaligned = chunked_causal_mask_function(3, torch.tensor([0, 0]))
+    with pytest.raises(CaptureError, match="neither a sliding window nor chunks"):
+        key_mask(2, 10, 10, mask_function=misaligned, attention_mask=left_padded, local_size=3)
 
 
 def test_parse_call_reads_the_variant_arguments():
@@ -157,6 +161,8 @@ def test_use_attention_switches_and_restores(tiny_model):
     assert seen == list(range(tiny_model.info.n_layers))
     assert hf.config._attn_implementation == before
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(TypeError, match="PreTrainedModel"):
-        with use_attention(torch.nn.Linear(2, 2), "swap_test"):
-            pass
+    with (
+        pytest.raises(TypeError, match="PreTrainedModel"),
+        use_attention(torch.nn.Linear(2, 2), ""),
+    ):
+        pass
