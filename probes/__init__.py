@@ -1,13 +1,13 @@
 """Probes: one module per head type. Measured statistics in, score tables [layer, head] out.
 
-Each probe declares the measurements it needs (:class:`probes.base.Measurement`) and turns their
-stored statistics into :class:`workbench.scores.ScoreTable` objects whose definitions cite their
-source.
+Each probe declares the measurements it needs (:class:`workbench.probe.Measurement`) and turns
+their stored statistics into :class:`workbench.scores.ScoreTable` objects whose definitions cite
+their source. The probe API (``Measurement``, ``Probe``, ``ScanContext``) lives in the core,
+:mod:`workbench.probe`, and is re-exported here.
 """
 
 from __future__ import annotations
 
-from probes.base import Measurement, Probe, ScanContext
 from probes.dormant import DormantProbe
 from probes.entropy import EntropyProbe
 from probes.positional import PositionalProbe
@@ -15,6 +15,7 @@ from probes.retrieval import RetrievalProbe
 from probes.sinks import FirstTokenSinkProbe, HiddenSinkProbe, ResidualPeakProbe, ValueDrainProbe
 from probes.streaming import StreamingProbe
 from workbench.errors import WorkbenchError
+from workbench.probe import Measurement, Probe, ScanContext
 
 PROBES: dict[str, Probe] = {
     p.name: p

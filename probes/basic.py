@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from probes.base import Measurement, ScanContext
 from workbench.capture import PATTERN_PATH_MAX_TOKENS, STATISTICS, head_statistics
 from workbench.models import Model
+from workbench.probe import Measurement, ScanContext
 from workbench.streamed import StreamedRecorder
 
 BASIC = "basic"

@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probes.base import Measurement, ScanContext
 from probes.basic import as_numpy, choose_path, decode, run_streamed, run_with_patterns
+from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
 from workbench.tasks.domains import DOMAINS, domain_inputs
 

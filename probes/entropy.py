@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from probes.base import Measurement, ScanContext
 from probes.basic import BASIC, basic_measurement
+from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
 
 

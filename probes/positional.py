@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probes.base import Measurement, ScanContext
 from probes.basic import choose_path, decode, run_streamed, run_with_patterns
 from workbench.errors import ProbeOptionError
 from workbench.models import Model
+from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
 from workbench.tasks.domains import repeated_random_tokens, special_tokens
 

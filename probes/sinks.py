@@ -51,7 +51,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probes.base import Measurement, ScanContext
 from probes.basic import (
     BASIC,
     as_numpy,
@@ -62,6 +61,7 @@ from probes.basic import (
 )
 from workbench.errors import ShapeError
 from workbench.models import Model
+from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
 from workbench.streamed import StreamedRecorder
 

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from kernels import stats_from_pattern
-from probes.base import Measurement, ScanContext
 from probes.basic import as_numpy, choose_path, decode, run_streamed, run_with_patterns
 from workbench.errors import ProbeOptionError
 from workbench.headmap import Policy
 from workbench.models import Model
+from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
 from workbench.tasks.domains import domain_inputs
 

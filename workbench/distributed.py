@@ -1,4 +1,4 @@
-"""Past one GPU: data-parallel scans over torch.distributed ranks, and models spread over GPUs.
+"""Past one GPU: data-parallel scans over torch.distributed ranks.
 
 **Data parallel** (many prompts). ``torchrun --nproc-per-node N -m workbench scan MODEL ...``
 starts N copies of the command; torchrun's environment (``RANK``, ``WORLD_SIZE``,
@@ -10,34 +10,27 @@ shuffling, so that a prompt set sorted by length still loads the ranks evenly. A
 its items in its own *part file*, the partial run file of ``<out>.rank<r>-of-<N>``
 (:class:`workbench.store.RunWriter`, the run-file schema plus each group's ``item_index``). When
 every rank is done, rank 0 merges the parts (:meth:`workbench.store.MeasurementWriter.merge`)
-into the run file, scores it as a single-process scan does, publishes it atomically and deletes
-the parts: the result is the file a single-process scan writes. A rank that dies leaves the parts
-behind (its own up to its last stored batch, the others' as far as they got); rerunning the same
-command with the same N resumes every rank after its last stored batch.
+into the run file, scores and publishes it with the single-process scan's own step
+(:func:`workbench.probe.publish`) and deletes the parts: the result is the file a single-process
+scan writes. A rank that dies leaves the parts behind (its own up to its last stored batch, the
+others' as far as they got); rerunning the same command with the same N resumes every rank after
+its last stored batch.
 
 Only coordination crosses processes: each rank's outcome after measuring, and the score tables
 from rank 0. The process group therefore uses gloo (TCP), which needs no GPU and spans nodes; the
 part files meet on the filesystem, so the run file must be on storage every rank can read.
 
-**Sharded model** (too large for one GPU). ``workbench.load(spec, device_map="auto")`` hands the
-device map to ``from_pretrained``; accelerate places consecutive decoder layers on the GPUs and
-moves the hidden states between them (one GPU works at a time). The streamed capture path runs
-unchanged: each layer's attention function gets q, k, v on that layer's GPU, the statistics
-kernels run there, and each layer's statistics are copied to the CPU as it finishes. Triton
-launches a kernel on the *current* CUDA device, not on its tensors' device, so
-:func:`follow_device_map` makes each placed module's GPU current while the module runs.
+A model too large for one GPU is spread over several by :func:`workbench.load`'s ``device_map``
+instead (:mod:`workbench.placement`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,18 +38,13 @@ import torch.distributed as dist
 
 from workbench.errors import DistributedError
 from workbench.models import Model, ModelInfo
+from workbench.probe import Measurement, Probe, Stats, measure, publish, record, score
 from workbench.scores import ScoreTable
-from workbench.store import RunWriter, partial_path
-
-if TYPE_CHECKING:
-    from probes import Measurement
+from workbench.store import MeasurementWriter, RunWriter, partial_path
 
 # Ranks wait for the slowest one before the merge; interleaved items keep that wait short, but a
 # barrier must outlast one rank's longest batch of very long prompts.
 DEFAULT_TIMEOUT = timedelta(hours=2)
-
-Stats = dict[str, np.ndarray]  # statistic name -> [n_items, ...]
-RunMeasurement = Callable[..., Stats]  # workbench.scanner._run_measurement
 
 
 @dataclass(frozen=True)
@@ -125,6 +113,7 @@ def part_file(out: Path, rank: int, world_size: int) -> Path:
 
 def scan_shards(
     measurements: dict[str, Measurement],
+    probes: list[Probe],
     ranks: Ranks,
     *,
     out: str | Path | None,
@@ -132,40 +121,22 @@ def scan_shards(
     parameters: dict[str, Any],
     batch_size: int,
     progress: bool,
-    run: RunMeasurement,
-    score: Callable[[dict[str, Stats]], dict[str, ScoreTable]],
 ) -> tuple[dict[str, ScoreTable], Path | None]:
-    """This rank's part of a scan (see the module docstring); every rank returns all tables.
-
-    ``run(m, start, batch_size, progress, on_batch, items=...)`` measures items of ``m``;
-    ``score(stats)`` turns ``{key: {statistic: [n_items, ...]}}`` into score tables. With
-    ``out=None`` nothing touches the disk: the ranks exchange their statistics instead.
-    """
+    """This rank's part of a scan of ``probes`` (see the module docstring); every rank returns
+    all tables. With ``out=None`` nothing touches the disk: the ranks exchange their statistics
+    instead."""
     progress = progress and ranks.is_main  # one bar (rank 0's share), not N interleaved ones
     if out is None:
-        return _scan_in_memory(measurements, ranks, batch_size, progress, run, score), None
+        return _scan_in_memory(measurements, probes, ranks, batch_size, progress), None
     out = Path(out)
-    share = {**parameters, "part": [ranks.rank, ranks.world_size]}
+    part_parameters = {**parameters, "part": [ranks.rank, ranks.world_size]}
     failure: Exception | None = None
     part: RunWriter | None = None
     try:
-        part = RunWriter(part_file(out, ranks.rank, ranks.world_size), info, share)
+        part = RunWriter(part_file(out, ranks.rank, ranks.world_size), info, part_parameters)
         for key, m in measurements.items():
-            items = ranks.items(len(m.texts))
-            group = part.measurement(
-                key,
-                [m.texts[i] for i in items],
-                [m.token_ids[i] for i in items],
-                m.definitions,
-                item_index=items,
-            )
-            if 0 < group.n_done < group.n_items:
-                print(
-                    f"rank {ranks.rank}: resuming {out} ({key}) after item "
-                    f"{group.n_done}/{group.n_items} of this rank",
-                    file=sys.stderr,
-                )
-            run(m, group.n_done, batch_size, progress, group.write, items=items)
+            share = (ranks.rank, ranks.items(len(m.texts)), out)
+            record(part, key, m, batch_size=batch_size, progress=progress, share=share)
     except Exception as e:  # the other ranks must hear of it, or they wait at the merge
         failure = e
     finally:
@@ -176,7 +147,7 @@ def scan_shards(
     outcome: list[Any] = [None, None, None]  # tables, published path, error message
     if ranks.is_main:
         try:
-            outcome[:2] = _merge(measurements, ranks, out, info, parameters, score)
+            outcome[:2] = _merge(measurements, probes, ranks, out, info, parameters)
         except Exception as e:
             outcome[2] = f"{type(e).__name__}: {e}"
             dist.broadcast_object_list(outcome, src=0)
@@ -222,27 +193,21 @@ def _agree(ranks: Ranks, failure: Exception | None) -> None:
 
 def _merge(
     measurements: dict[str, Measurement],
+    probes: list[Probe],
     ranks: Ranks,
     out: Path,
     info: ModelInfo,
     parameters: dict[str, Any],
-    score: Callable[[dict[str, Stats]], dict[str, ScoreTable]],
 ) -> tuple[dict[str, ScoreTable], Path]:
     """Rank 0: merge every rank's part into ``out``, score, publish, delete the parts."""
     parts = [partial_path(part_file(out, r, ranks.world_size)) for r in range(ranks.world_size)]
     writer = RunWriter(out, info, parameters)
     try:
-        stats = {}
+        groups: dict[str, MeasurementWriter] = {}
         for key, m in measurements.items():
-            group = writer.measurement(key, m.texts, m.token_ids, m.definitions)
-            group.merge(parts)
-            stats[key] = group.stats()
-        tables = score(stats)
-        for table in tables.values():
-            writer.write_score(table)
-            if table.label:
-                writer.write_label(table.label, table.selected, f"{table.name} > {table.threshold}")
-        written = writer.finish()
+            groups[key] = writer.measurement(key, m.texts, m.token_ids, m.definitions)
+            groups[key].merge(parts)
+        tables, written = publish(writer, groups, probes)
     finally:
         writer.close()
     for path in parts:  # only once the merged file is published: until then they are the resume
@@ -252,11 +217,10 @@ def _merge(
 
 def _scan_in_memory(
     measurements: dict[str, Measurement],
+    probes: list[Probe],
     ranks: Ranks,
     batch_size: int,
     progress: bool,
-    run: RunMeasurement,
-    score: Callable[[dict[str, Stats]], dict[str, ScoreTable]],
 ) -> dict[str, ScoreTable]:
     """Measure this rank's items, exchange the statistics, score on every rank."""
     own: dict[str, Stats] = {}
@@ -264,7 +228,7 @@ def _scan_in_memory(
     try:
         for key, m in measurements.items():
             items = ranks.items(len(m.texts))
-            own[key] = run(m, 0, batch_size, progress, None, items=items)
+            own[key] = measure(m, batch_size=batch_size, progress=progress, items=items)
     except Exception as e:
         failure = e
     _agree(ranks, failure)
@@ -279,55 +243,4 @@ def _scan_in_memory(
                 if name not in stats[key]:
                     stats[key][name] = np.empty((n_items, *values.shape[1:]), values.dtype)
                 stats[key][name][rank :: ranks.world_size] = values
-    return score(stats)
-
-
-# ---------------------------------------------------------------------------------------------
-# Models spread over several GPUs
-
-
-def follow_device_map(model: torch.nn.Module) -> None:
-    """Make each placed module's GPU the current CUDA device while it runs.
-
-    ``model.hf_device_map`` (set by ``from_pretrained(device_map=...)``) names the module of each
-    placement, e.g. ``{"model.layers.0": 0, ..., "model.layers.20": 1, "lm_head": 1}``. Kernels
-    that launch on the current device (Triton's) then run where their tensors are. After each
-    forward pass every GPU of the map is synchronised (the streamed recorder copies statistics
-    to the CPU without blocking, and synchronises only the current device before reading them)
-    and the caller's current device is restored. Nothing is hooked when fewer than two GPUs are
-    used.
-    """
-    placement = {
-        name: index
-        for name, device in (getattr(model, "hf_device_map", None) or {}).items()
-        if (index := _cuda_index(device)) is not None
-    }
-    devices = sorted(set(placement.values()))
-    if len(devices) < 2:
-        return
-    callers: list[int] = []
-
-    def finish(*_: object) -> None:
-        for index in devices:
-            torch.cuda.synchronize(index)
-        torch.cuda.set_device(callers.pop())
-
-    model.register_forward_pre_hook(lambda *_: callers.append(torch.cuda.current_device()))
-    model.register_forward_hook(finish)
-    for name, index in placement.items():
-        module = model.get_submodule(name) if name else model
-        module.register_forward_pre_hook(partial(_make_current, index))
-
-
-def _make_current(index: int, *_: object) -> None:
-    torch.cuda.set_device(index)
-
-
-def _cuda_index(device: Any) -> int | None:
-    """GPU index of a device-map value (``0``, ``"cuda:1"``, ``torch.device``), else None."""
-    if isinstance(device, int):
-        return device
-    if isinstance(device, str) and not device.startswith("cuda"):
-        return None  # "cpu", "disk", "meta"
-    device = torch.device(device)
-    return (device.index or 0) if device.type == "cuda" else None
+    return score(probes, stats)

@@ -35,6 +35,7 @@ import torch
 
 from workbench.atomic import atomic_dir
 from workbench.errors import ModelLoadError, ModelNotInstalledError, UnknownModelError
+from workbench.placement import place, resolve
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -284,7 +285,7 @@ def load(
         device_map: spread a model too large for one GPU over several, as
             ``from_pretrained(device_map=...)`` does with accelerate: ``"auto"``,
             ``"balanced"``, ``"sequential"`` or ``{module name: device}``. Excludes ``device``.
-            The streamed capture path runs across the devices (:mod:`workbench.distributed`).
+            The streamed capture path runs across the devices (:mod:`workbench.placement`).
         max_memory: per-device limits for ``device_map``, e.g. ``{0: "60GiB", 1: "60GiB"}``.
 
     Raises:
@@ -292,12 +293,7 @@ def load(
         ModelNotInstalledError: a built-in's package is missing (the message says what to install).
         ModelLoadError: the files exist but cannot be loaded.
     """
-    if device_map is not None and device is not None:
-        raise ValueError("pass either device (one device) or device_map (several), not both")
-    if max_memory is not None and device_map is None:
-        raise ValueError("max_memory applies to a device_map; pass device_map too")
-    placement = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, placement = resolve(device, device_map, max_memory)
     if spec in BUILTINS:
         model = _load_builtin(BUILTINS[spec], dtype, placement)
     elif spec.startswith("toy-"):
@@ -312,12 +308,7 @@ def load(
         model = _load_path(spec, dtype, placement)
     else:
         model = _load_hub(spec, revision, dtype, placement)
-    if device_map is None:
-        model.hf.to(device)
-    else:
-        from workbench.distributed import follow_device_map
-
-        follow_device_map(model.hf)
+    place(model.hf, device)
     model.hf.eval()
     return model
 

@@ -2,34 +2,32 @@
 
 ``scan(model, prompts, probes=..., out="runs/x.h5")`` runs every measurement the chosen probes
 declare, batch by batch, stores the per-item statistics in the run file's partial copy, and at the
-end turns them into score tables and labels and publishes the run atomically. Rerunning an
-interrupted scan with the same model, prompts and parameters resumes after the last completed
-batch of each measurement. Under ``torchrun`` (a torch.distributed process group) each rank
-measures its share of every measurement and rank 0 merges them (:mod:`workbench.distributed`).
+end turns them into score tables and labels and publishes the run atomically (the steps are
+:mod:`workbench.probe`'s). Rerunning an interrupted scan with the same model, prompts and
+parameters resumes after the last completed batch of each measurement. Under ``torchrun`` (a
+torch.distributed process group) each rank measures its share of every measurement and rank 0
+merges them (:mod:`workbench.distributed`).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from probes import get_probes
 from workbench import distributed
 from workbench.models import Model, ModelInfo, load
+from workbench.probe import Measurement, ScanContext, measure, publish, record, score
 from workbench.scores import ScoreTable
 from workbench.store import RunWriter
 from workbench.tasks import PromptSet, load_prompts
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
-
-    from probes import Measurement, Probe
 
 
 @dataclass
@@ -151,9 +149,6 @@ def scan(
         >>> result = wb.scan("smollm2-135m", "demo", out="runs/demo.h5")  # doctest: +SKIP
         >>> result.scores.sort_values("sink", ascending=False).head()  # doctest: +SKIP
     """
-    # probes build on the spine, so the façade imports them only when a scan runs
-    from probes import ScanContext, get_probes
-
     model = load(model) if isinstance(model, str) else model
     prompts = load_prompts(prompts) if isinstance(prompts, str | Path) else prompts
     chosen = get_probes(probes)
@@ -173,75 +168,29 @@ def scan(
     if ranks.world_size > 1:  # launched by torchrun: this rank measures its share of the items
         tables, written = distributed.scan_shards(
             measurements,
+            chosen,
             ranks,
             out=out,
             info=model.info,
             parameters=parameters,
             batch_size=batch_size,
             progress=progress,
-            run=_run_measurement,
-            score=lambda stats: _score(chosen, stats),
         )
         return ScanResult(model.info, tables, written)
     if out is None:
         stats = {
-            key: _run_measurement(m, 0, batch_size, progress, None)
+            key: measure(m, batch_size=batch_size, progress=progress)
             for key, m in measurements.items()
         }
-        return ScanResult(model.info, _score(chosen, stats))
+        return ScanResult(model.info, score(chosen, stats))
 
     writer = RunWriter(out, model.info, parameters)
     try:
-        stats = {}
-        for key, m in measurements.items():
-            group = writer.measurement(key, m.texts, m.token_ids, m.definitions)
-            if 0 < group.n_done < group.n_items:
-                print(
-                    f"resuming {out} ({key}) after item {group.n_done}/{group.n_items}",
-                    file=sys.stderr,
-                )
-            _run_measurement(m, group.n_done, batch_size, progress, group.write)
-            stats[key] = group.stats()
-        tables = _score(chosen, stats)
-        for table in tables.values():
-            writer.write_score(table)
-            if table.label:
-                writer.write_label(table.label, table.selected, f"{table.name} > {table.threshold}")
-        written = writer.finish()
+        groups = {
+            key: record(writer, key, m, batch_size=batch_size, progress=progress)
+            for key, m in measurements.items()
+        }
+        tables, written = publish(writer, groups, chosen)
     finally:
         writer.close()
     return ScanResult(model.info, tables, written)
-
-
-def _run_measurement(
-    m: Measurement,
-    start: int,
-    batch_size: int,
-    progress: bool,
-    on_batch: Callable[[int, list[dict[str, np.ndarray]]], None] | None,
-    items: list[int] | None = None,
-) -> dict[str, np.ndarray]:
-    """Measure ``items`` (default all of ``m``'s) from position ``start`` on, in batches; returns
-    the items measured here, stacked. ``on_batch`` gets each batch's first position in ``items``."""
-    items = list(range(len(m.texts))) if items is None else items
-    collected: list[dict[str, np.ndarray]] = []
-    batch: list[dict[str, np.ndarray]] = []
-    n = len(items)
-    with tqdm(
-        total=n, initial=start, desc=m.key, unit="item", disable=not progress, file=sys.stderr
-    ) as bar:
-        for index in range(start, n):
-            batch.append(m.measure(items[index]))
-            bar.update(1)
-            if len(batch) == batch_size or index == n - 1:
-                if on_batch is not None:
-                    on_batch(index + 1 - len(batch), batch)
-                collected.extend(batch)
-                batch = []
-    if not collected:
-        return {}
-    return {name: np.stack([item[name] for item in collected]) for name in collected[0]}
-
-
-def _score(chosen: list[Probe], stats: dict[str, dict[str, np.ndarray]]) -> dict[str, ScoreTable]:
-    return {table.name: table for probe in chosen for table in probe.score(stats)}

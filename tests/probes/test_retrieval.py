@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from probes.base import ScanContext
 from probes.retrieval import RetrievalProbe, mean_over_counted, score_decode, score_forced
 from workbench.errors import ProbeOptionError
 from workbench.models import TOY_MODELS_DIR, load
+from workbench.probe import ScanContext
 from workbench.scanner import scan
 from workbench.tasks import PromptSet
 from workbench.tasks.needle import NeedleTrial, needle_grid, rouge1_recall

@@ -11,7 +11,6 @@ import torch
 import torch.multiprocessing as mp
 
 from workbench import distributed
-from workbench.capture import head_statistics
 from workbench.errors import DistributedError, RunFileError, RunMismatchError
 from workbench.models import load
 from workbench.scanner import scan
@@ -227,35 +226,6 @@ def test_in_memory_scan_over_two_gloo_ranks(tiny_llama_dir, tiny_model, prompt_f
     assert outcomes[1]["failure"] == "ValueError: broken prompt"
     assert outcomes[0]["failure"].startswith(DistributedError.__name__)
     assert "rank 1 failed (ValueError: broken prompt)" in outcomes[0]["failure"]
-
-
-def test_device_map_load_gives_the_same_statistics(tiny_llama_dir, tiny_model):
-    """Placement by device map (one device here; two GPUs in benchmarks/scaling_bench.py)."""
-    layout = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
-    placed = load(str(tiny_llama_dir), device_map={name: "cpu" for name in layout})
-    assert placed.device == torch.device("cpu")
-    ids = tiny_model.tokenize("when mary and john went to the store john gave a drink to mary")
-    expected = head_statistics(tiny_model, ids, path=PATH)
-    got = head_statistics(placed, ids, path=PATH)
-    for name, values in expected.items():
-        np.testing.assert_allclose(got[name], values, atol=1e-6)
-    with pytest.raises(ValueError, match="either device .* or device_map"):
-        load(str(tiny_llama_dir), device="cpu", device_map="auto")
-
-
-def test_follow_device_map_makes_each_layers_gpu_current(tiny_llama_dir, monkeypatch):
-    """The hooks' logic without GPUs: the CUDA calls are recorded instead of made."""
-    model = load(str(tiny_llama_dir), device="cpu").hf
-    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1}
-    calls, synced = [], []
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 7)
-    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
-    monkeypatch.setattr(torch.cuda, "synchronize", synced.append)
-    distributed.follow_device_map(model)
-    model(torch.tensor([[1, 5, 6]]))
-    assert calls == [0, 0, 1, 7]  # embedding, layer 0, layer 1, then the caller's device again
-    assert synced == [0, 1]
-    assert distributed._cuda_index("cuda:1") == 1 and distributed._cuda_index("disk") is None
 
 
 def test_rank_device_refuses_more_ranks_than_gpus(monkeypatch):
