@@ -1,9 +1,9 @@
-"""Notebook entry points that reach across packages: the atlas (probes), the IOI circuit
+"""Notebook entry points that reach across packages: the atlas, the IOI circuit
 (interventions) and the serving export. They import their packages on first use, so the spine
 (loading, scanning, the run store) works without them.
 
     import workbench as wb
-    atlas = wb.atlas(result)                       # probes.atlas.Atlas: .plot(), .to_pandas()
+    atlas = wb.atlas(result)                       # workbench.atlas.Atlas: .plot(), .to_pandas()
     circuit = wb.ioi(model, n=16)                  # interventions.circuit.Circuit
     wb.export_map("runs/x.h5", "duo", "maps/x", full_fraction=0.25)   # files for serving stacks
 """
@@ -13,20 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench.atlas import Atlas, build_atlas
 from workbench.headmap import HeadMap, Policy
 from workbench.store import Run, open_run
 
 if TYPE_CHECKING:
     from interventions.circuit import Circuit
-    from probes.atlas import Atlas
     from workbench.models import Model
 
 
 def atlas(source: Any, **options: Any) -> Atlas:
     """Cluster and embed the heads of a scan result, an open run or a run file's path
-    (options: see :func:`probes.atlas.build_atlas`)."""
-    from probes.atlas import build_atlas
-
+    (options: see :func:`workbench.atlas.build_atlas`)."""
     if isinstance(source, str | Path):
         with open_run(source) as run:
             return build_atlas(run, **options)

@@ -2,7 +2,7 @@
 
 The grid is one heatmap (fast at 30+ layers × 32 heads); the range slider greys out heads whose
 score lies outside it, dots mark the heads the probe labelled, and lines separate KV groups
-(grouped-query attention). The second view is :func:`probes.atlas.build_atlas`: k-means clusters
+(grouped-query attention). The second view is :func:`workbench.atlas.build_atlas`: k-means clusters
 (marker shapes) and a PCA layout of every head's standardised score vector, coloured by the score
 chosen above. Clicking a head in either view opens it on the Head page.
 """
@@ -18,8 +18,10 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import catalog
 from app import figures as figs
-from app.components import error_panel, href, needs_panel, note, run_header
+from app.components import error_panel, href, note, run_header
+from workbench.atlas import Atlas, build_atlas
 from workbench.errors import WorkbenchError
+from workbench.store import open_run
 
 SCORE, LABEL = "score:", "label:"
 PREFERRED = ("sink", "retrieval", "entropy")  # the first view, when the run has one
@@ -235,11 +237,8 @@ def _definition(table) -> html.Div:
 
 
 @functools.lru_cache(maxsize=16)
-def _atlas(path: str, mtime_ns: int) -> Any:
-    import workbench
-    from probes.atlas import build_atlas
-
-    with workbench.open_run(path) as run:
+def _atlas(path: str, mtime_ns: int) -> Atlas:
+    with open_run(path) as run:
         return build_atlas(run)
 
 
@@ -249,12 +248,6 @@ def _atlas(path: str, mtime_ns: int) -> Any:
     State("atlas-run", "data"),
 )
 def _embedding(view: str, run: str):
-    try:
-        import probes.atlas  # noqa: F401 - the clustering lives there (issue 5)
-    except ImportError:
-        return needs_panel(
-            "probes/atlas.py", "The head-fingerprint map is drawn by probes.atlas.build_atlas."
-        )
     cat = catalog.current()
     try:
         path = cat.resolve(run)

@@ -1,5 +1,8 @@
 """Head atlas: every head as a fingerprint of its scores, clustered, and laid out in 2-D.
 
+It reads the score tables of a whole run (it is no probe: it measures nothing), for
+``wb.atlas(...)`` and the explorer's atlas page.
+
 A head's *fingerprint* is the vector of its values in a scan's score tables (sink mass,
 entropy, positional scores, outside-window mass, per-domain sink masses, retrieval score, ...).
 Tables that hold a per-layer number repeated over heads (``residual_peak``) are left out: they
@@ -28,12 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.impute import SimpleImputer
-from sklearn.manifold import TSNE
-from sklearn.metrics import silhouette_score
-from sklearn.preprocessing import StandardScaler
 
 from workbench.errors import WorkbenchError
 from workbench.scores import ScoreTable
@@ -131,6 +128,12 @@ def build_atlas(
     Raises:
         AtlasError: unknown method or feature, fewer than 3 heads, or no usable table.
     """
+    # lazy: scikit-learn takes a second or more to import, and `import workbench` reaches here
+    from sklearn.decomposition import PCA
+    from sklearn.impute import SimpleImputer
+    from sklearn.manifold import TSNE
+    from sklearn.preprocessing import StandardScaler
+
     if method not in METHODS:
         raise AtlasError(f"method must be one of {METHODS}, got {method!r}")
     tables = _tables(source)
@@ -202,6 +205,8 @@ def _informative(values: np.ndarray) -> bool:
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans  # lazy, as in build_atlas
+
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
 
 
@@ -209,6 +214,8 @@ def _silhouette(x: np.ndarray, labels: np.ndarray) -> float:
     n_labels = len(np.unique(labels))
     if not 2 <= n_labels <= len(x) - 1:
         return float("nan")
+    from sklearn.metrics import silhouette_score  # lazy, as in build_atlas
+
     return float(silhouette_score(x, labels))
 
 
