@@ -10,8 +10,10 @@
 
 Modules: :mod:`~interventions.specs` (the kinds), :mod:`~interventions.ops` (their arithmetic on
 each path), :mod:`~interventions.engine` (hooks and groups), :mod:`~interventions.streamed`
-(the attention function of the long path), :mod:`~interventions.tasks`,
-:mod:`~interventions.evaluate` (evaluate, sweep), :mod:`~interventions.self_repair`.
+(the attention function of the long path), :mod:`~interventions.evaluate` (evaluate, sweep),
+:mod:`~interventions.self_repair`. The tasks it measures (``IOI``, ``Needle``, ``Loss``,
+``NextToken``, ``Toy``) are core material, defined in :mod:`workbench.tasks.metric` and
+re-exported here; a name such as ``"ioi"`` reaches them through ``workbench.tasks.get_task``.
 """
 
 from interventions.engine import Intervener, intervene
@@ -33,7 +35,7 @@ from interventions.specs import (
     load_specs,
     spec_from_dict,
 )
-from interventions.tasks import IOI, Loss, Needle, NextToken, Task, TaskBatch, Toy, make_task
+from workbench.tasks import IOI, Loss, Needle, NextToken, Task, TaskBatch, Toy
 
 __all__ = [
     "IOI",
@@ -61,7 +63,6 @@ __all__ = [
     "evaluate",
     "intervene",
     "load_specs",
-    "make_task",
     "matched_control",
     "self_repair",
     "spec_from_dict",

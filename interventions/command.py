@@ -22,15 +22,14 @@ from typing import Any
 from workbench.atomic import atomic_write_text
 from workbench.errors import InterventionError
 from workbench.store import check_run_model, open_run
+from workbench.tasks import get_task
 
 
 def _task(args: argparse.Namespace) -> Any:
-    from interventions.tasks import make_task
-
     options = dict(args.task_option)
     if args.task == "toy" and "model_name" not in options:
         options["model_name"] = args.model
-    return make_task(args.task, **options)
+    return get_task(args.task, kind="metric", **options)
 
 
 def _heads_option(args: argparse.Namespace, model: Any) -> list[Any] | None:

@@ -31,9 +31,9 @@ from interventions.specs import (
     parse_head,
     spec_from_dict,
 )
-from interventions.tasks import Task, TaskBatch, make_task
 from workbench.errors import InterventionError
 from workbench.models import Model
+from workbench.tasks import Task, TaskBatch, get_task
 
 __all__ = ["EvalResult", "bootstrap_ci", "evaluate", "matched_control", "sweep", "top_heads"]
 
@@ -94,7 +94,7 @@ def _as_specs(interventions: Any) -> list[Intervention]:
 
 
 def _as_task(task: Task | str) -> Task:
-    task = make_task(task) if isinstance(task, str) else task
+    task = get_task(task, kind="metric") if isinstance(task, str) else task
     if not isinstance(task, Task):
         raise InterventionError(
             f"{type(task).__name__} is not a task: it needs name, metrics, batches(), score()"

@@ -50,7 +50,8 @@ from interventions import path_patching as pp
 from interventions.circuit import Circuit, CircuitEdge, CircuitHead, faithfulness
 from workbench.errors import InterventionError
 from workbench.models import Model
-from workbench.tasks.templated import TaskDataset
+from workbench.tasks import get_task
+from workbench.tasks.templated import TaskDataset, build_pair
 
 Head = tuple[int, int]
 CLASSES = (
@@ -478,18 +479,19 @@ def find_circuit(
     """Find the IOI-style circuit of ``model``: build the task's prompts and ABC twins, collect
     the evidence, classify, and measure the circuit's faithfulness.
 
-    ``task``: a templated task (``workbench.tasks.ioi.IOITask``, ``ColoredObjectsTask``, ...) or
-    its name in :data:`workbench.tasks.circuit_tasks.TASKS`; by default IOI in the vocabulary
-    the model was trained on (the toy vocabulary for ``toy-ioi``, the paper's otherwise).
+    ``task``: a templated task (``workbench.tasks.ioi.IOITask``, ``ColoredObjectsTask``, ...:
+    anything with ``build`` and ``corrupt``) or the name of a ``templated`` task of the registry
+    (``ioi``, ``ioi-toy``, ``colored-objects``: ``workbench.tasks.task_names("templated")``); by
+    default IOI in the vocabulary the model was trained on (``ioi-toy`` for a ``toy-ioi`` model,
+    ``ioi`` otherwise).
     """
-    from workbench.tasks.circuit_tasks import templated_task
-
     if not model.info.causal:
         raise InterventionError("circuit discovery needs a causal language model")
     rules = rules or Rules()
-    spec = templated_task(task, model)
-    clean = spec.build(model.tokenizer, n, seed=seed, templates=templates)
-    abc = spec.corrupt(clean, model.tokenizer, seed=seed + 1)
+    if task is None:
+        task = "ioi-toy" if str(model.info.name).startswith("toy-ioi") else "ioi"
+    spec = get_task(task, kind="templated").templated if isinstance(task, str) else task
+    clean, abc = build_pair(spec, model.tokenizer, n, seed=seed, templates=templates)
     evidence = collect_evidence(model, clean, abc, rules, exact_heads, max_senders, max_rows, log)
     log("faithfulness")
     return build_circuit(model, clean, abc, evidence, rules, checks=checks)

@@ -31,9 +31,9 @@ from torch import Tensor
 from interventions.engine import Intervener
 from interventions.evaluate import _as_task
 from interventions.specs import MeanAblation, parse_head, spec_from_dict
-from interventions.tasks import Task
 from workbench.errors import InterventionError
 from workbench.models import Model
+from workbench.tasks import Task
 
 __all__ = ["direct_effects", "self_repair"]
 

@@ -59,8 +59,9 @@ class MissingEntryError(WorkbenchError, KeyError):
 
 
 class TaskBuildError(WorkbenchError, ValueError):
-    """A templated task (IOI, colored objects, ...) cannot be built for this tokenizer, e.g. too
-    few of its names are single tokens."""
+    """A task cannot be made: its name is not in the task registry (``workbench.tasks``), an
+    option is unknown, missing or of the wrong type, or its prompts cannot be built for this
+    tokenizer (e.g. too few of the IOI names are single tokens)."""
 
 
 class ProbeOptionError(WorkbenchError, ValueError):

@@ -23,6 +23,7 @@ from app import catalog, compute, jobs
 from app.components import error_panel, format_heads, href, note, parse_heads, run_header
 from app.figures import FONT
 from workbench.errors import WorkbenchError
+from workbench.tasks import Task, get_task
 
 KINDS = {
     "zero": "zero the head's output",
@@ -273,15 +274,14 @@ class _Counted:
         return result
 
 
-def _make_task(choice: str, n: int, model_name: str):
-    from interventions.tasks import IOI, Loss, Toy
-
+def _chosen_task(choice: str, n: int, model_name: str) -> Task:
+    """The metric task behind a choice of the task menu (see ``_tasks``)."""
     if choice == "toy":
-        return Toy(model_name=model_name, n=n)
+        return get_task("toy", model_name=model_name, n=n)
     if choice == "ioi":
-        return IOI(n=n, toy=model_name == "toy-ioi")
+        return get_task("ioi-toy" if model_name == "toy-ioi" else "ioi", n=n)
     corpus = choice.split(":", 1)[1]
-    return Loss(n=n, length=64, corpus=corpus)
+    return get_task("loss", n=n, length=64, corpus=corpus)
 
 
 def _spec(kind: str, heads: list[tuple[int, int]], param: float | None, task: str):
@@ -335,7 +335,7 @@ def _evaluate(set_progress, _clicks, run, heads_text, kind, param, task_choice, 
         pool = compute.pool()
         model = pool.get(info)
         spec = _spec(kind, heads, param, task_choice)
-        task = _make_task(task_choice, int(n or 16), info.name)
+        task = _chosen_task(task_choice, int(n or 16), info.name)
 
         def report(done: int, total: int) -> None:
             set_progress((str(done), str(total), f"{done}/{total} batches scored"))

@@ -5,8 +5,8 @@ import torch
 from interventions.engine import intervene
 from interventions.evaluate import bootstrap_ci, evaluate, matched_control, sweep, top_heads
 from interventions.specs import ScaleOutput, ZeroAblation, load_specs
-from interventions.tasks import Loss, NextToken
-from workbench.errors import InterventionError
+from workbench.errors import InterventionError, TaskBuildError
+from workbench.tasks import Loss, NextToken
 
 PROMPTS = ["the cat sat on the", "when mary and john went to the", "the dog ran to the",
            "it was a big red", "the sun was small and the night was"]  # fmt: skip
@@ -106,13 +106,15 @@ def test_top_heads():
 def test_bad_task(tiny_model):
     with pytest.raises(InterventionError, match="not a task"):
         evaluate(tiny_model, object(), ZeroAblation(heads=[(0, 0)]))
-    with pytest.raises(InterventionError, match="unknown task"):
+    with pytest.raises(TaskBuildError, match="unknown metric task 'nope'"):
         evaluate(tiny_model, "nope", ZeroAblation(heads=[(0, 0)]))
+    with pytest.raises(TaskBuildError, match="unknown metric task 'toy-bb'"):
+        evaluate(tiny_model, "toy-bb", ZeroAblation(heads=[(0, 0)]))  # a toy training task
 
 
 def test_corrupted_variant_must_align(tiny_model):
     task = NextToken(["the cat sat"], ["on"], corrupted=["the cat sat on"])
-    with pytest.raises(InterventionError, match="line up"):
+    with pytest.raises(TaskBuildError, match="line up"):
         task.batches(tiny_model, 4)
     ok = NextToken(["the cat sat"], ["on"], corrupted=["a dog ran"])
     (batch,) = ok.batches(tiny_model, 4)

@@ -13,8 +13,8 @@ import workbench
 from interventions.circuit import Circuit
 from interventions.ioi import CLASSES, GPT2_SMALL_IOI, OTHER, Rules, classify, find_circuit
 from workbench.cli import main
-from workbench.errors import InterventionError
-from workbench.toys.tasks import IndirectObject
+from workbench.errors import InterventionError, TaskBuildError
+from workbench.tasks.toy import IndirectObject
 from workbench.toys.vocab import build_tokenizer
 
 NEUTRAL = {
@@ -113,6 +113,8 @@ def test_a_model_that_fails_the_task_is_refused(tiny_dir):
     model = workbench.load(str(tiny_dir))
     with pytest.raises(InterventionError, match="does not solve"):
         find_circuit(model, task="ioi-toy", n=6, seed=2, templates=[0], checks=False)
+    with pytest.raises(TaskBuildError, match="unknown templated task 'needle'"):
+        find_circuit(model, task="needle", n=6)  # a registered task, but not a templated one
 
 
 def test_cli_prints_classes_and_writes_the_circuit(tiny_dir, tmp_path, capsys):

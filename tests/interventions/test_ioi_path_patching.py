@@ -10,7 +10,7 @@ import workbench
 from interventions import path_patching as pp
 from workbench.errors import InterventionError
 from workbench.tasks.ioi import toy_task
-from workbench.toys.tasks import IndirectObject
+from workbench.tasks.toy import IndirectObject
 from workbench.toys.vocab import build_tokenizer
 
 

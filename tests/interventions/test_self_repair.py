@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from interventions.self_repair import self_repair
-from interventions.tasks import NextToken
+from workbench.tasks import NextToken
 
 PROMPTS = ["the cat sat on the", "the dog ran to the", "it was a big red"]
 

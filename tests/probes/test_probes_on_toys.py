@@ -9,7 +9,7 @@ import pytest
 from probes.sinks import sink_statistics
 from workbench.capture import head_statistics
 from workbench.models import TOY_MODELS_DIR, load
-from workbench.toys.tasks import get_task
+from workbench.tasks import get_task
 
 
 @pytest.fixture(scope="module")

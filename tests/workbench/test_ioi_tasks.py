@@ -5,8 +5,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from workbench.errors import TaskBuildError
-from workbench.tasks.ioi import IOITask, ioi_dataset, paper_task, toy_task
-from workbench.toys.tasks import IndirectObject
+from workbench.tasks.ioi import IOITask, paper_task, toy_task
+from workbench.tasks.templated import build_pair
+from workbench.tasks.toy import IndirectObject
 from workbench.toys.vocab import build_tokenizer
 
 
@@ -46,23 +47,23 @@ def check_ioi_invariants(clean, abc):
 
 
 def test_toy_vocabulary_prompts(toy_tokenizer):
-    clean, abc = ioi_dataset(toy_tokenizer, n=12, seed=3, task=toy_task())
+    clean, abc = build_pair(toy_task(), toy_tokenizer, n=12, seed=3)
     check_ioi_invariants(clean, abc)
     assert clean.tokens[0, 0] == toy_tokenizer.bos_token_id
     assert clean.texts[0].split()[-1] == "to"
 
 
 def test_paper_templates_in_a_bpe_tokenizer(smollm2):
-    clean, abc = ioi_dataset(smollm2.tokenizer, n=30, seed=0)
+    clean, abc = build_pair(paper_task(), smollm2.tokenizer, n=30, seed=0)
     check_ioi_invariants(clean, abc)
     assert len({m["template"] for m in clean.meta}) > 5
     assert all(t.endswith(" to") for t in clean.texts)
 
 
 def test_fixed_seed_is_reproducible(toy_tokenizer):
-    a, _ = ioi_dataset(toy_tokenizer, n=6, seed=5, task=toy_task())
-    b, _ = ioi_dataset(toy_tokenizer, n=6, seed=5, task=toy_task())
-    c, _ = ioi_dataset(toy_tokenizer, n=6, seed=6, task=toy_task())
+    a, _ = build_pair(toy_task(), toy_tokenizer, n=6, seed=5)
+    b, _ = build_pair(toy_task(), toy_tokenizer, n=6, seed=5)
+    c, _ = build_pair(toy_task(), toy_tokenizer, n=6, seed=6)
     assert a.texts == b.texts and a.texts != c.texts
 
 
@@ -77,7 +78,7 @@ def test_multi_token_words_are_dropped_not_assumed(toy_tokenizer):
 
 
 def test_template_restriction_and_subset(toy_tokenizer):
-    clean, _ = ioi_dataset(toy_tokenizer, n=8, seed=0, task=toy_task(), templates=[0])
+    clean, _ = build_pair(toy_task(), toy_tokenizer, n=8, seed=0, templates=[0])
     assert set(clean.groups.tolist()) == {0}
     sub = clean.subset([1, 3])
     assert sub.texts == [clean.texts[1], clean.texts[3]]
@@ -85,7 +86,7 @@ def test_template_restriction_and_subset(toy_tokenizer):
 
 
 def test_metric_reads_the_answer_logits_at_end(toy_tokenizer):
-    clean, _ = ioi_dataset(toy_tokenizer, n=4, seed=0, task=toy_task())
+    clean, _ = build_pair(toy_task(), toy_tokenizer, n=4, seed=0)
     logits = torch.zeros(4, clean.tokens.shape[1], len(toy_tokenizer))
     rows = torch.arange(4)
     logits[rows, clean.end, clean.answer_ids] = 3.0

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 import workbench
 from workbench.cli import main
-from workbench.errors import UnknownModelError, WorkbenchError
+from workbench.errors import TaskBuildError, UnknownModelError, WorkbenchError
+from workbench.tasks import get_task
+from workbench.tasks.toy import BigramBackcopy
 from workbench.toys import SPECS, TOY_NAMES, train_toy
 from workbench.toys import cards as toy_cards
 from workbench.toys import evidence as ev
-from workbench.toys.tasks import BigramBackcopy, get_task
 from workbench.toys.train import EVAL_SEED, MODELS_DIR, train_model
 
 # ---------------------------------------------------------------------------------------------
@@ -68,8 +69,8 @@ def test_ioi_competitor_is_the_subject() -> None:
 
 
 def test_unknown_toy_name_is_a_clear_error() -> None:
-    with pytest.raises(UnknownModelError, match="toy-nope"):
-        get_task("toy-nope")
+    with pytest.raises(TaskBuildError, match="unknown toy task 'toy-nope'"):
+        get_task("toy-nope", kind="toy")
     with pytest.raises(UnknownModelError, match="trainable"):
         train_toy("toy-nope")
 

@@ -20,7 +20,8 @@ the indirect object.
 Names, places and objects are filtered to single tokens of the given tokenizer (checked with a
 leading space, then again in every rendered prompt), so the same generator serves GPT-2, Llama
 tokenizers and the word-level toy tokenizers. ``toy_task()`` uses the vocabulary and templates the
-``toy-ioi`` reference model was trained on (``workbench.toys.tasks``).
+``toy-ioi`` reference model was trained on (:mod:`workbench.tasks.toy`). The registry's ``ioi`` and
+``ioi-toy`` tasks (:class:`workbench.tasks.metric.IOI`) draw from these two.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import TaskBuildError
+from workbench.tasks import toy
 from workbench.tasks.templated import (
     TaskDataset,
     collate,
@@ -210,9 +212,7 @@ def paper_task() -> IOITask:
 
 def toy_task() -> IOITask:
     """IOI in the closed vocabulary and templates the ``toy-ioi`` reference model was trained on
-    (``workbench.toys.tasks``: words separated by spaces, punctuation as its own word)."""
-    from workbench.toys import tasks as toy
-
+    (:mod:`workbench.tasks.toy`: words separated by spaces, punctuation as its own word)."""
     templates = []
     for t in toy.IOI_TEMPLATES:
         words = t.split()
@@ -229,20 +229,3 @@ def toy_task() -> IOITask:
         places=tuple(toy.PLACES),
         objects=tuple(toy.OBJECTS),
     )
-
-
-def ioi_dataset(
-    tokenizer: Any,
-    n: int = 64,
-    seed: int = 0,
-    task: IOITask | None = None,
-    templates: Sequence[int] | None = None,
-) -> tuple[TaskDataset, TaskDataset]:
-    """Clean IOI prompts and their ABC-corrupted twins: ``(clean, abc)``.
-
-    >>> clean, abc = ioi_dataset(model.tokenizer, n=8, seed=0)  # doctest: +SKIP
-    >>> clean.positions["S2"], clean.answer_ids                 # doctest: +SKIP
-    """
-    task = task or paper_task()
-    clean = task.build(tokenizer, n, seed=seed, templates=templates)
-    return clean, task.corrupt(clean, tokenizer, seed=seed + 1)

@@ -35,13 +35,16 @@ from typing import Any
 import numpy as np
 
 from workbench.tasks.corpus import corpus
+from workbench.tasks.toy import BOS_ID, AssociativeRecall
 
 QUESTION_TEMPLATE = "\nBased on the content of the book, Question: {question}\nAnswer:"
 
 
 @dataclass(frozen=True)
-class Needle:
-    """A needle sentence ``prefix + answer + suffix`` and the question whose answer is ``answer``.
+class NeedleFact:
+    """The fact a needle states: the sentence ``prefix + answer + suffix`` and the question whose
+    answer is ``answer`` (the metric task over needle trials is
+    :class:`workbench.tasks.metric.Needle`).
 
     ``answer`` starts with a space so that it tokenizes the same inside the needle and after
     ``Answer:``.
@@ -61,20 +64,20 @@ class Needle:
 # answer SmolLM2-135M never reproduces, is left out) and a short synthetic fact a 135M model does
 # retrieve. Ordered by how reliably SmolLM2-135M retrieves them (it answers the Mr Green question
 # with "The answer is:"), so "the first n needles" picks the useful ones.
-NEEDLES: list[Needle] = [
-    Needle(
+NEEDLES: list[NeedleFact] = [
+    NeedleFact(
         " The best thing to do in Beijing is to",
         " take a walk in Chaoyang Park and have a cup of Espresso in the evening",
         ".",
         "What is the best thing to do in Beijing?",
     ),
-    Needle(
+    NeedleFact(
         " The special magic number mentioned in this book is",
         " 7481",
         ".",
         "What is the special magic number mentioned in this book?",
     ),
-    Needle(
+    NeedleFact(
         " Mr Green is disliked by everyone",
         " because he is a mean person and also he can't ride a horse or drive a car",
         ".",
@@ -148,11 +151,11 @@ def make_trial(
     tokenizer: Any,
     length: int,
     depth: float,
-    needle: Needle | int = 0,
+    needle: NeedleFact | int = 0,
     seed: int = 0,
 ) -> NeedleTrial:
     """One trial of ``length`` tokens (exactly, special tokens included) with ``needle`` (a
-    :class:`Needle` or an index into :data:`NEEDLES`) at ``depth`` in [0, 1] of the haystack."""
+    :class:`NeedleFact` or an index into :data:`NEEDLES`) at ``depth`` in [0, 1] of the haystack."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
     index = needle if isinstance(needle, int) else -1
@@ -196,7 +199,7 @@ def needle_grid(
     tokenizer: Any,
     lengths: list[int],
     depths: list[float],
-    needles: list[Needle] | int | None = None,
+    needles: list[NeedleFact] | int | None = None,
     seed: int = 0,
 ) -> list[NeedleTrial]:
     """Trials over lengths × depths × needles (``needles``: a list, the first n of
@@ -224,7 +227,7 @@ def toy_recall_grid(
     lengths: list[int], depths: list[float], n_per_cell: int = 4, seed: int = 0
 ) -> list[NeedleTrial]:
     """Needle trials in the closed vocabulary of the ``toy-recall`` reference model
-    (:class:`workbench.toys.tasks.AssociativeRecall`), for validating the probe on known heads.
+    (:class:`workbench.tasks.toy.AssociativeRecall`), for validating the probe on known heads.
 
     A trial is ``<bos>`` + a stream of filler words holding distractor ``key value`` pairs (each
     written twice, as in training) and the needle pair ``k v`` written once at ``depth``, then the
@@ -233,8 +236,6 @@ def toy_recall_grid(
     nowhere else, so a head whose top key holds ``v`` can only be looking at the needle.
     ``length`` counts every prompt token and must fit the model (the task's ``seq_len``).
     """
-    from workbench.toys.tasks import BOS_ID, AssociativeRecall
-
     task = AssociativeRecall()
     trials = []
     grid = itertools.product(lengths, depths, range(n_per_cell))

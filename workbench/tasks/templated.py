@@ -22,7 +22,9 @@ about the answer is gone. This module holds what every such task shares:
 Task modules (``workbench.tasks.ioi``, ``workbench.tasks.colored_objects``) declare which of their
 positions play the four roles the circuit rules talk about (``IO`` the answer's source, ``S1`` the
 first mention of the repeated token, ``S2`` its repeat, ``END`` the position that predicts), so one
-pipeline finds circuits in all of them.
+pipeline finds circuits in all of them. :func:`build_pair` draws a task's clean prompts and their
+corrupted twins, for circuit discovery and for the metric tasks of :mod:`workbench.tasks.metric`
+(registered as ``ioi``, ``ioi-toy``, ``colored-objects``).
 """
 
 from __future__ import annotations
@@ -234,6 +236,21 @@ def collate(
         seed=seed,
         pad_id=pad_id,
     )
+
+
+def build_pair(
+    task: Any, tokenizer: Any, n: int, seed: int = 0, templates: Sequence[int] | None = None
+) -> tuple[TaskDataset, TaskDataset]:
+    """``n`` clean prompts of a templated task (anything with ``build`` and ``corrupt``, e.g.
+    :class:`~workbench.tasks.ioi.IOITask`) drawn with ``seed``, and their corrupted twins drawn
+    with ``seed + 1``: ``(clean, corrupted)``. ``templates`` restricts the draw to those
+    template indices.
+
+    >>> clean, abc = build_pair(paper_task(), model.tokenizer, n=8)  # doctest: +SKIP
+    >>> clean.positions["S2"], clean.answer_ids                      # doctest: +SKIP
+    """
+    clean = task.build(tokenizer, n, seed=seed, templates=templates)
+    return clean, task.corrupt(clean, tokenizer, seed=seed + 1)
 
 
 def pad_id_of(tokenizer: Any) -> int:

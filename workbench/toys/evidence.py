@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel
 
-from workbench.toys.tasks import N_SPECIAL, BigramBackcopy, ToyBatch
+from workbench.tasks.toy import N_SPECIAL, BigramBackcopy, ToyBatch
 
 Head = tuple[int, int]  # (layer, head)
 

@@ -3,8 +3,9 @@
 `train_toy(name)` reproduces a shipped checkpoint from its seed: the task generator, the model
 initialisation and the batch order are all derived from that seed. Batches are drawn fresh at
 every step, so the model never sees the samples the card and the tests evaluate on (those use
-seeds from `EVAL_SEED` upward). Loss placement is a per-task choice documented in `tasks.py`:
-every next token for Bigram-Backcopy and IOI (language modelling), answers only for recall.
+seeds from `EVAL_SEED` upward). Loss placement is a per-task choice documented in
+`workbench/tasks/toy.py`: every next token for Bigram-Backcopy and IOI (language modelling),
+answers only for recall.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from transformers.utils import logging as hf_logging
 
 from workbench.atomic import atomic_dir
 from workbench.errors import UnknownModelError, WorkbenchError
-from workbench.toys.tasks import IGNORE, ToyTask, get_task
+from workbench.tasks import get_task
+from workbench.tasks.toy import IGNORE, ToyTask
 from workbench.toys.vocab import BOS, PAD, SPECIALS, build_tokenizer, save_tokenizer
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
@@ -108,7 +110,7 @@ def train_model(
     `spec` replaces the shipped architecture and optimiser settings (tests train tiny models)."""
     if not 0 <= seed < MAX_SEED:
         raise WorkbenchError(f"seed must be in [0, {MAX_SEED}), not {seed}")
-    task, spec = get_task(name), spec or SPECS[name]
+    task, spec = get_task(name, kind="toy"), spec or SPECS[name]
     steps = spec.steps if steps is None else steps
     spec = ToySpec(**{**asdict(spec), "steps": steps, "warmup": min(spec.warmup, steps // 4 + 1)})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,7 +160,7 @@ def _check_replaceable(out_dir: Path) -> None:
 
 def save_toy(model: LlamaForCausalLM, name: str, record: dict[str, object], out_dir: Path) -> None:
     """Write the HF-format checkpoint atomically: build it in a sibling temp dir, then rename."""
-    task = get_task(name)
+    task = get_task(name, kind="toy")
     _check_replaceable(out_dir)
     # A new checkpoint invalidates the old card and heads.json, so the old directory goes
     # entirely (rebuild them with `python -m workbench.toys.cards NAME`).

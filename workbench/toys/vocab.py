@@ -14,10 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-BOS = "<bos>"
-PAD = "<pad>"
-UNK = "<unk>"
-SPECIALS = (BOS, PAD, UNK)  # ids 0, 1, 2 in every toy vocabulary
+from workbench.tasks.toy import BOS, PAD, SPECIALS, UNK
 
 
 def build_tokenizer(words: Sequence[str]) -> Tokenizer:

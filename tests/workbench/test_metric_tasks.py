@@ -1,8 +1,15 @@
+"""The metric tasks (workbench.tasks.metric): batches line up, scores read the right logits."""
+
+import re
+from types import SimpleNamespace
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
-from interventions.tasks import IOI, Loss, Needle, Toy, make_task
-from workbench.errors import InterventionError
+from workbench.tasks import IOI, Loss, Needle, Toy, get_task
+from workbench.tasks.templated import build_pair
 
 
 def _one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -54,12 +61,40 @@ def test_toy_task_scores(name):
         assert task.score(flat, b)["accuracy"].max() < 1  # ties: argmax is token 0
 
 
-def test_make_task():
-    assert isinstance(make_task("needle", length=256), Needle)
-    with pytest.raises(InterventionError, match="unknown task"):
-        make_task("squad")
-    with pytest.raises(InterventionError, match="task 'ioi'"):
-        make_task("ioi", lenght=3)
+def _word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``words`` (punctuation split off and unknown, <bos> first)."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "<bos>", "<pad>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", pad_token="<pad>"
+    )
+
+
+@pytest.mark.parametrize("name", ["ioi-toy", "colored-objects"])
+def test_templated_tasks_batch_their_pairs(name):
+    task = get_task(name, kind="templated", n=10, seed=3)
+    spec = task.templated
+    words = {w for t in spec.templates for w in re.findall(r"\w+", re.sub(r"\{\w+\}", " ", t))}
+    for field in ("names", "places", "objects", "colors"):
+        words |= set(getattr(spec, field, ()))
+    model = SimpleNamespace(tokenizer=_word_tokenizer(sorted(words)))
+    clean, corrupted = build_pair(spec, model.tokenizer, 10, seed=3)
+    batches = task.batches(model, 4)
+    assert sorted(i for b in batches for i in b.index) == list(range(10))
+    for b in batches:
+        assert b.variants["corrupted"].shape == b.tokens.shape and b.keep == 1
+        width = b.tokens.shape[1]
+        assert torch.equal(b.tokens, clean.tokens[b.index, :width])  # each prompt unpadded
+        assert torch.equal(b.variants["corrupted"], corrupted.tokens[b.index, :width])
+        logits = torch.zeros(len(b.index), 1, len(model.tokenizer))
+        logits[torch.arange(len(b.index)), 0, b.data["target"]] = 2.0
+        scores = task.score(logits, b)
+        assert scores["logit_diff"].tolist() == [2.0] * len(b.index)
+        assert scores["accuracy"].tolist() == [1.0] * len(b.index)
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """Seeded generators for the three toy tasks whose attention mechanisms are known by construction.
 
-Each task owns a closed word vocabulary (see `vocab.py`) and a `sample(n, seed)` that returns a
-`ToyBatch`: token ids plus, per position, the next-token label used for training, whether the
-position is scored by the task metric, and the *source* key position that the mechanism must read
-to answer. The source is what makes the ground truth checkable: a head that solves the task has to
-move information from exactly that position to the scored one.
+Each task owns a closed word vocabulary (its tokenizer: `workbench/toys/vocab.py`) and a
+`sample(n, seed)` that returns a `ToyBatch`: token ids plus, per position, the next-token label used
+for training, whether the position is scored by the task metric, and the *source* key position that
+the mechanism must read to answer. The source is what makes the ground truth checkable: a head that
+solves the task has to move information from exactly that position to the scored one. Each task is
+registered under its model's name as a `toy` task: `get_task("toy-bb")` in `workbench.tasks`.
 
 - **Bigram-Backcopy** (`toy-bb`, Guo et al. 2024, "Active-Dormant Attention Heads"): tokens follow
   a fixed bigram table, except that after one of the k most frequent tokens (the triggers) the
@@ -31,12 +32,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workbench.errors import UnknownModelError
-from workbench.toys.vocab import SPECIALS
+from workbench.tasks.registry import register
 
+BOS = "<bos>"
+PAD = "<pad>"
+UNK = "<unk>"
+SPECIALS = (BOS, PAD, UNK)  # ids 0, 1, 2 in every toy vocabulary
 IGNORE = -100  # label for positions without a loss term (the torch cross-entropy convention)
 N_SPECIAL = len(SPECIALS)
-BOS_ID = 0
+BOS_ID = SPECIALS.index(BOS)
 
 
 @dataclass
@@ -100,6 +104,7 @@ class RowTask(ToyTask):
         and optionally extra loss positions ("train")."""
 
 
+@register("toy-bb", "toy")
 class BigramBackcopy(ToyTask):
     """Bigram-Backcopy: bigram transitions, except that the token after a trigger copies the token
     before the trigger. Loss on every token, as in the paper (the bigram part is what the dormant
@@ -162,6 +167,7 @@ class BigramBackcopy(ToyTask):
         return {"unigram": unigram, "bigram_only": float((p * row_entropy).sum())}
 
 
+@register("toy-recall", "toy")
 class AssociativeRecall(RowTask):
     """In-context associative recall: each sequence binds `n_pairs` keys to random values and
     writes every pair `key value` `repeats` times, shuffled with `n_runs` filler runs
@@ -295,6 +301,7 @@ FILLER_VERBS = ["sat", "ran", "slept", "walked", "waited", "looked around", "smi
 FILLER_TAILS = ["near the PLACE", "in the PLACE", "with a OBJECT", "all day", "at night", "again"]
 
 
+@register("toy-ioi", "toy")
 class IndirectObject(RowTask):
     """IOI sentences (answer = the indirect object) mixed with generic filler sentences; loss on
     every token, so the model is a small language model that must solve IOI in context."""
@@ -351,17 +358,3 @@ class IndirectObject(RowTask):
 
 def _fill(words: list[str], place: str, obj: str) -> list[str]:
     return [place if w == "PLACE" else obj if w == "OBJECT" else w for w in words]
-
-
-def get_task(name: str) -> ToyTask:
-    """The task behind a toy model name."""
-    if name not in TASKS:
-        raise UnknownModelError(f"unknown toy model {name!r} (trainable: {', '.join(TASKS)})")
-    return TASKS[name]()
-
-
-TASKS: dict[str, type[ToyTask]] = {
-    "toy-bb": BigramBackcopy,
-    "toy-recall": AssociativeRecall,
-    "toy-ioi": IndirectObject,
-}

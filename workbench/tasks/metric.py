@@ -1,23 +1,28 @@
-"""Tasks with metrics, the evaluation loop's inputs.
+"""Metric tasks, the evaluation loop's inputs.
 
-A task turns a model into batches of *equal-length* prompts (no padding: an intervention at
-position -1 means the same token in every row, and a resampled prompt lines up token by token)
-and scores logits per example. Anything with this shape is a task (:class:`Task`); the
-built-ins:
+A metric task turns a model into batches of *equal-length* prompts (no padding: an intervention
+at position -1 means the same token in every row, and a resampled prompt lines up token by token)
+and scores logits per example. Anything with this shape is a metric task (:class:`Task`); the
+built-ins, each registered by name in :mod:`workbench.tasks.registry`:
 
-* :class:`IOI` — indirect object identification (Wang et al. 2022) from
-  :mod:`workbench.tasks.ioi`: ``logit_diff`` = logit(IO) − logit(S) at the final token and
-  ``accuracy`` = share with logit(IO) > logit(S); the ABC prompts are the ``corrupted`` variant.
-* :class:`Needle` — needle-in-a-haystack retrieval at one length (Wu et al. 2024's prompt, from
-  :mod:`workbench.tasks.needle`), scored by teacher forcing: ``answer_accuracy`` = share of the
-  answer's tokens that are the model's greedy choice given the answer so far (a token-level
-  stand-in for the reference's ROUGE-1 recall of a generated answer), ``exact`` = all of them,
-  ``answer_logprob`` = mean log-probability of the answer tokens.
-* :class:`Loss` — next-token cross-entropy on windows of the shipped corpus (``loss``, nats).
-* :class:`NextToken` — custom prompts with a target (and optionally a foil and a corrupted
-  twin): ``logit_diff`` (with foils) or ``logprob``, and ``accuracy``.
-* :class:`Toy` — the task a ``toy-*`` reference model was trained on
-  (:mod:`workbench.toys.tasks`): ``accuracy`` and (where defined) ``logit_diff`` at the scored
+* :class:`IOI` (``ioi``; ``ioi-toy`` is ``toy=True``) — indirect object identification (Wang et
+  al. 2022) from :mod:`workbench.tasks.ioi`: ``logit_diff`` = logit(IO) − logit(S) at the final
+  token and ``accuracy`` = share with logit(IO) > logit(S); the ABC prompts are the ``corrupted``
+  variant.
+* :class:`ColoredObjects` (``colored-objects``) — the colour of a queried object
+  (:mod:`workbench.tasks.colored_objects`), scored like IOI. It and IOI are
+  :class:`TemplatedMetric` tasks, which circuit discovery also runs on.
+* :class:`Needle` (``needle``) — needle-in-a-haystack retrieval at one length (Wu et al. 2024's
+  prompt, from :mod:`workbench.tasks.needle`), scored by teacher forcing: ``answer_accuracy`` =
+  share of the answer's tokens that are the model's greedy choice given the answer so far (a
+  token-level stand-in for the reference's ROUGE-1 recall of a generated answer), ``exact`` = all
+  of them, ``answer_logprob`` = mean log-probability of the answer tokens.
+* :class:`Loss` (``loss``) — next-token cross-entropy on windows of the shipped corpus
+  (``loss``, nats).
+* :class:`NextToken` (``next-token``) — custom prompts with a target (and optionally a foil and
+  a corrupted twin): ``logit_diff`` (with foils) or ``logprob``, and ``accuracy``.
+* :class:`Toy` (``toy``) — the task a ``toy-*`` reference model was trained on
+  (:mod:`workbench.tasks.toy`): ``accuracy`` and (where defined) ``logit_diff`` at the scored
   positions, as its model card measures them.
 """
 
@@ -33,10 +38,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workbench.errors import InterventionError
+from workbench.errors import TaskBuildError
 from workbench.models import Model
+from workbench.tasks.colored_objects import ColoredObjectsTask
+from workbench.tasks.corpus import corpus
+from workbench.tasks.ioi import IOITask, paper_task, toy_task
+from workbench.tasks.needle import NEEDLES, needle_grid, toy_recall_grid
+from workbench.tasks.registry import get_task, register
+from workbench.tasks.templated import build_pair
 
-__all__ = ["IOI", "TASKS", "Loss", "Needle", "NextToken", "Task", "TaskBatch", "Toy", "make_task"]
+__all__ = [
+    "IOI",
+    "ColoredObjects",
+    "Loss",
+    "Needle",
+    "NextToken",
+    "Task",
+    "TaskBatch",
+    "TemplatedMetric",
+    "Toy",
+]
 
 
 @dataclass
@@ -59,7 +80,8 @@ class TaskBatch:
 
 @runtime_checkable
 class Task(Protocol):
-    """What `interventions.evaluate` needs. ``metrics[0]`` is the headline metric."""
+    """What the evaluation loop (``interventions.evaluate``) needs. ``metrics[0]`` is the
+    headline metric."""
 
     name: str
     metrics: tuple[str, ...]
@@ -76,7 +98,7 @@ class Task(Protocol):
 def _buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped by equal length, in chunks of at most ``batch_size``."""
     if batch_size < 1:
-        raise InterventionError(f"batch_size must be >= 1, got {batch_size}")
+        raise TaskBuildError(f"batch_size must be >= 1, got {batch_size}")
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, n in enumerate(lengths):
         by_length[int(n)].append(i)
@@ -99,24 +121,26 @@ def _pair_scores(last: Tensor, target: Tensor, foil: Tensor | None) -> dict[str,
     return {"logit_diff": diff.float(), "accuracy": (diff > 0).float()}
 
 
-@dataclass
-class IOI:
-    """IOI prompts (``n``, drawn with ``seed``) and their ABC twins; ``toy=True`` uses the
-    vocabulary and templates of the ``toy-ioi`` reference model."""
+class TemplatedMetric:
+    """Base of the metric tasks drawn from a templated task (:attr:`templated`, e.g.
+    :class:`~workbench.tasks.ioi.IOITask`): ``n`` clean prompts drawn with ``seed`` (from the
+    template indices ``templates``, default all) and their corrupted twins as the
+    ``corrupted`` variant; metrics ``logit_diff`` = logit(answer) − logit(competitor) at the
+    final token and ``accuracy`` = share with logit(answer) > logit(competitor)."""
 
-    n: int = 64
-    seed: int = 0
-    toy: bool = False
-    templates: tuple[int, ...] | None = None
-    name: str = "ioi"
-    metrics: tuple[str, ...] = ("logit_diff", "accuracy")
+    n: int
+    seed: int
+    templates: tuple[int, ...] | None
+
+    @property
+    def templated(self) -> Any:
+        """The templated task the prompts are drawn from (``build``, ``corrupt``)."""
+        raise NotImplementedError
 
     def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
-        from workbench.tasks.ioi import ioi_dataset, paper_task, toy_task
-
-        task = toy_task() if self.toy else paper_task()
-        clean, abc = ioi_dataset(model.tokenizer, n=self.n, seed=self.seed, task=task,
-                                 templates=self.templates)  # fmt: skip
+        clean, corrupted = build_pair(
+            self.templated, model.tokenizer, self.n, seed=self.seed, templates=self.templates
+        )
         ends = clean.end.tolist()
         out = []
         for idx in _buckets(ends, batch_size):
@@ -124,7 +148,7 @@ class IOI:
             out.append(
                 TaskBatch(
                     tokens=clean.tokens[idx, :width],
-                    variants={"corrupted": abc.tokens[idx, :width]},
+                    variants={"corrupted": corrupted.tokens[idx, :width]},
                     keep=1,
                     data={"target": clean.answer_ids[idx], "foil": clean.wrong_ids[idx]},
                     index=idx,
@@ -136,6 +160,42 @@ class IOI:
         return _pair_scores(logits[:, -1], batch.data["target"], batch.data["foil"])
 
 
+@register("ioi", "metric", "templated")
+@register("ioi-toy", "metric", "templated", fixed={"toy": True})
+@dataclass
+class IOI(TemplatedMetric):
+    """IOI prompts (``n``, drawn with ``seed``) and their ABC twins; ``toy=True`` uses the
+    vocabulary and templates of the ``toy-ioi`` reference model."""
+
+    n: int = 64
+    seed: int = 0
+    toy: bool = False
+    templates: tuple[int, ...] | None = None
+    name: str = "ioi"
+    metrics: tuple[str, ...] = ("logit_diff", "accuracy")
+
+    @property
+    def templated(self) -> IOITask:
+        return toy_task() if self.toy else paper_task()
+
+
+@register("colored-objects", "metric", "templated")
+@dataclass
+class ColoredObjects(TemplatedMetric):
+    """Colored-objects prompts (``n``, drawn with ``seed``) and their twins with fresh colours."""
+
+    n: int = 64
+    seed: int = 0
+    templates: tuple[int, ...] | None = None
+    name: str = "colored-objects"
+    metrics: tuple[str, ...] = ("logit_diff", "accuracy")
+
+    @property
+    def templated(self) -> ColoredObjectsTask:
+        return ColoredObjectsTask()
+
+
+@register("next-token", "metric")
 @dataclass
 class NextToken:
     """Custom prompts: ``targets[i]`` should follow ``prompts[i]`` (its first token counts).
@@ -154,11 +214,11 @@ class NextToken:
     def __post_init__(self) -> None:
         n = len(self.prompts)
         if n == 0:
-            raise InterventionError("NextToken needs at least one prompt")
+            raise TaskBuildError("NextToken needs at least one prompt")
         for label, items in (("targets", self.targets), ("foils", self.foils),
                              ("corrupted", self.corrupted)):  # fmt: skip
             if items is not None and len(items) != n:
-                raise InterventionError(f"NextToken: {len(items)} {label} for {n} prompts")
+                raise TaskBuildError(f"NextToken: {len(items)} {label} for {n} prompts")
         if not self.metrics:
             self.metrics = ("logit_diff", "accuracy") if self.foils else ("logprob", "accuracy")
 
@@ -166,7 +226,7 @@ class NextToken:
         def first_token(text: str) -> int:
             ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
             if not ids:
-                raise InterventionError(f"NextToken: {text!r} tokenizes to nothing")
+                raise TaskBuildError(f"NextToken: {text!r} tokenizes to nothing")
             return int(ids[0])
 
         prompts = [model.tokenize(p) for p in self.prompts]
@@ -174,7 +234,7 @@ class NextToken:
         if variants is not None:
             for i, (p, c) in enumerate(zip(prompts, variants, strict=True)):
                 if len(p) != len(c):
-                    raise InterventionError(
+                    raise TaskBuildError(
                         f"NextToken: corrupted prompt {i} has {len(c)} tokens, its clean prompt "
                         f"{len(p)}; a corrupted twin must line up token by token"
                     )
@@ -199,6 +259,7 @@ class NextToken:
         return _pair_scores(logits[:, -1], batch.data["target"], batch.data["foil"])
 
 
+@register("needle", "metric")
 @dataclass
 class Needle:
     """Needle retrieval at ``length`` tokens over ``depths`` × ``needles`` (indices into
@@ -216,8 +277,6 @@ class Needle:
     metrics: tuple[str, ...] = ("answer_accuracy", "exact", "answer_logprob")
 
     def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
-        from workbench.tasks.needle import NEEDLES, needle_grid, toy_recall_grid
-
         if self.toy:
             trials = toy_recall_grid([self.length], list(self.depths), self.per_cell, self.seed)
         else:
@@ -251,6 +310,7 @@ class Needle:
         }
 
 
+@register("loss", "metric")
 @dataclass
 class Loss:
     """Next-token loss on ``n`` windows of ``length`` tokens of the shipped ``corpus``
@@ -265,15 +325,13 @@ class Loss:
     metrics: tuple[str, ...] = ("loss",)
 
     def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
-        from workbench.tasks.corpus import corpus
-
         text = self.text if self.text is not None else corpus(self.corpus)
         ids = np.asarray(model.tokenizer(text, add_special_tokens=False)["input_ids"])
         bos = model.tokenize("a")[:1].tolist()
         bos = bos if bos == [model.tokenizer.bos_token_id] else []
         span = self.length - len(bos)
         if len(ids) < span + 1:
-            raise InterventionError(f"the text has {len(ids)} tokens, fewer than a window")
+            raise TaskBuildError(f"the text has {len(ids)} tokens, fewer than a window")
         starts = np.random.default_rng(self.seed).integers(0, len(ids) - span, size=self.n)
         rows = [torch.tensor(bos + ids[s : s + span].tolist()) for s in starts]
         return [
@@ -287,6 +345,7 @@ class Loss:
         return {"loss": losses.mean(-1)}
 
 
+@register("toy", "metric")
 @dataclass
 class Toy:
     """The training task of a ``toy-*`` reference model (``toy-bb``, ``toy-recall``,
@@ -301,9 +360,7 @@ class Toy:
     metrics: tuple[str, ...] = ("accuracy", "logit_diff")
 
     def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
-        from workbench.toys.tasks import get_task
-
-        sample = get_task(self.model_name).sample(self.n, self.seed)
+        sample = get_task(self.model_name, kind="toy").sample(self.n, self.seed)
         has_foil = bool((sample.wrong[sample.eval_mask] >= 0).all())
         self.metrics = ("accuracy", "logit_diff") if has_foil else ("accuracy",)
         idx_all = [i for i in range(self.n) if bool(sample.eval_mask[i].any())]  # scored ones
@@ -332,16 +389,3 @@ class Toy:
             diff = right - logits.gather(-1, wrong[..., None])[..., 0]
             out["logit_diff"] = (diff * mask).sum(-1) / count
         return out
-
-
-TASKS: dict[str, type] = {"ioi": IOI, "needle": Needle, "loss": Loss, "toy": Toy}
-
-
-def make_task(name: str, **options: Any) -> Task:
-    """A built-in task by name with its options (``make_task("needle", length=4096)``)."""
-    if name not in TASKS:
-        raise InterventionError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
-    try:
-        return TASKS[name](**options)
-    except TypeError as e:
-        raise InterventionError(f"task {name!r}: {e}") from None
