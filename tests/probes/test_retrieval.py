@@ -102,7 +102,7 @@ TOY = TOY_MODELS_DIR / "toy-recall"
 
 @pytest.mark.skipif(
     not (TOY / "heads.json").is_file(),
-    reason="toy-recall is not shipped (its training stays on the plateau, workbench/toys/tasks.py)",
+    reason="toy-recall is not shipped (its training stays on the plateau, workbench/tasks/toy.py)",
 )
 def test_finds_the_ground_truth_retrieval_heads_of_toy_recall(tmp_path):
     truth = json.loads((TOY / "heads.json").read_text())

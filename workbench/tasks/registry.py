@@ -14,11 +14,12 @@ them. Each task is registered where it is defined, with the *kinds* of consumer 
 * ``toy``: a :class:`~workbench.tasks.toy.ToyTask`, the seeded generator a ``toy-*`` reference
   model is trained and measured on: ``toy-bb``, ``toy-recall``, ``toy-ioi``.
 
-::
-
-    get_task("needle", length=4096)             # a metric task
-    get_task("ioi-toy", kind="templated", n=8)  # refused unless the entry is of that kind
-    task_names("toy")                           # ['toy-bb', 'toy-ioi', 'toy-recall']
+>>> get_task("needle", length=4096).length                  # a metric task
+4096
+>>> get_task("ioi-toy", kind="templated", n=8).templated.name  # refused if not templated
+'ioi-toy'
+>>> task_names("toy")
+['toy-bb', 'toy-ioi', 'toy-recall']
 
 Options are checked before anything is built, against the signature and type hints of the
 registered class or function: an unknown task name, a task of another kind, an unknown or
