@@ -28,6 +28,7 @@ built-ins, each registered by name in :mod:`workbench.tasks.registry`:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,7 +122,7 @@ def _pair_scores(last: Tensor, target: Tensor, foil: Tensor | None) -> dict[str,
     return {"logit_diff": diff.float(), "accuracy": (diff > 0).float()}
 
 
-class TemplatedMetric:
+class TemplatedMetric(ABC):
     """Base of the metric tasks drawn from a templated task (:attr:`templated`, e.g.
     :class:`~workbench.tasks.ioi.IOITask`): ``n`` clean prompts drawn with ``seed`` (from the
     template indices ``templates``, default all) and their corrupted twins as the
@@ -133,9 +134,9 @@ class TemplatedMetric:
     templates: tuple[int, ...] | None
 
     @property
+    @abstractmethod
     def templated(self) -> Any:
         """The templated task the prompts are drawn from (``build``, ``corrupt``)."""
-        raise NotImplementedError
 
     def batches(self, model: Model, batch_size: int) -> list[TaskBatch]:
         clean, corrupted = build_pair(
