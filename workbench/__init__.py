@@ -8,41 +8,47 @@ The notebook surface::
     result.scores                            # pandas DataFrame, one row per head
     run = wb.open_run("runs/demo.h5")        # lazy reader of a run file
     wb.evaluate(model, "ioi", {"kind": "zero", "heads": [[9, 0]]})  # interventions package
+
+The names below resolve on first use (PEP 562): ``import workbench.models`` or the CLI's
+``--help`` then do not pay for the whole notebook surface (torch, transformers, plotly, the
+plugins). The layers and where each concept lives: docs/architecture.md.
 """
 
-from workbench.api import atlas, export_map, ioi
-from workbench.cache import open_cache, write_cache
-from workbench.errors import WorkbenchError
-from workbench.models import Model, ModelInfo, list_models, load
-from workbench.plots import plot_attention
-from workbench.scanner import ScanResult, scan
-from workbench.store import Run, open_run
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "Model",
-    "ModelInfo",
-    "Run",
-    "ScanResult",
-    "WorkbenchError",
-    "atlas",
-    "export_map",
-    "ioi",
-    "list_models",
-    "load",
-    "open_cache",
-    "open_run",
-    "plot_attention",
-    "scan",
-    "write_cache",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "Model": "workbench.models",
+    "ModelInfo": "workbench.models",
+    "list_models": "workbench.models",
+    "load": "workbench.models",
+    "Run": "workbench.store",
+    "open_run": "workbench.store",
+    "open_cache": "workbench.cache",
+    "write_cache": "workbench.cache",
+    "WorkbenchError": "workbench.errors",
+    "ScanResult": "workbench.scanner",
+    "scan": "workbench.scanner",
+    "atlas": "workbench.api",
+    "evaluate": "workbench.api",
+    "export_map": "workbench.api",
+    "intervene": "workbench.api",
+    "ioi": "workbench.api",
+    "plot_attention": "workbench.api",
+}
 
-_INTERVENTIONS = ("evaluate", "intervene")  # imported on first use: the spine does not need them
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    """``wb.evaluate`` and ``wb.intervene`` from :mod:`interventions`, loaded lazily."""
-    if name in _INTERVENTIONS:
-        import interventions
+def __getattr__(name: str) -> Any:
+    """``wb.<name>`` from the module that defines it, imported on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(interventions, name)
-    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

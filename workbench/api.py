@@ -1,6 +1,6 @@
-"""Notebook entry points that reach across packages: the atlas, the IOI circuit
-(interventions) and the serving export. They import their packages on first use, so the spine
-(loading, scanning, the run store) works without them.
+"""Notebook entry points that reach across packages: the atlas, interventions and the IOI
+circuit (the interventions plugin), attention figures and the serving export. ``wb.<name>``
+resolves here (see the package's ``__init__``).
 
     import workbench as wb
     atlas = wb.atlas(result)                       # workbench.atlas.Atlas: .plot(), .to_pandas()
@@ -11,15 +11,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from interventions import evaluate, intervene
+from interventions.circuit import Circuit
+from interventions.ioi import find_circuit
 from workbench.atlas import Atlas, build_atlas
+from workbench.export import export
+from workbench.figures import plot_attention
 from workbench.headmap import HeadMap, Policy
+from workbench.models import Model
 from workbench.store import Run, open_run
 
-if TYPE_CHECKING:
-    from interventions.circuit import Circuit
-    from workbench.models import Model
+__all__ = ["atlas", "evaluate", "export_map", "intervene", "ioi", "plot_attention"]
 
 
 def atlas(source: Any, **options: Any) -> Atlas:
@@ -34,8 +38,6 @@ def atlas(source: Any, **options: Any) -> Atlas:
 def ioi(model: Model, task: Any = None, **options: Any) -> Circuit:
     """Find the IOI-style circuit of ``model`` (options: see
     :func:`interventions.ioi.find_circuit`: ``n``, ``templates``, ``exact_heads``, ...)."""
-    from interventions.ioi import find_circuit
-
     return find_circuit(model, task, **options)
 
 
@@ -51,8 +53,6 @@ def export_map(
 ) -> list[Path]:
     """Write a run's head map in a serving format (``json``, ``duo``, ``layer-heads``,
     ``head-scores``) into ``out_dir``, as ``workbench export`` does; returns the files."""
-    from workbench.export import export
-
     if isinstance(run, Run):
         headmap = HeadMap.from_run(run, policy)
     else:

@@ -15,44 +15,84 @@ head is their mean over queries, as listed in :data:`STATISTICS`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from kernels import AttentionStats, stats_from_pattern
-from workbench.capture.paths import resolve_path, run_streamed, run_with_patterns
+from workbench.capture.paths import resolve_path, run_with_patterns
+from workbench.capture.streamed import StreamedRecorder
 from workbench.errors import ShapeError
 from workbench.models import Model
 
 STATISTICS: dict[str, str] = {
-    "first_token_mass": "mean over queries i of A[i, 0], the attention paid to the first token",
+    "first_token_mass": "mean over the queries i that can see the first token of A[i, 0] (all "
+    "queries of a global layer; those inside the window or first chunk of a local one)",
     "entropy": "mean over queries i of -sum_j A[i, j] log A[i, j] (nats)",
     "normalized_entropy": "mean over queries i with >= 2 visible keys of entropy_i / log(visible "
     "keys); Guo et al.'s row-normalised entropy (1 = uniform, 0 = one key)",
     "max_prob": "mean over queries i of max_j A[i, j]",
+    "learned_sink_mass": "mean over queries i of the probability on the head's learned sink logit "
+    "(gpt-oss s_aux; 1 - sum_j A[i, j]); 0 for models without one",
 }
 
 
-def reduce_stats(stats: AttentionStats, *, causal: bool) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class QueryLayout:
+    """Which keys each query of one layer sees: ``visible [q_pos]`` (how many keys) and
+    ``sees_first [q_pos]`` (whether the first key is among them). Global causal layers see
+    ``i + 1`` keys and always the first; local and chunked layers fewer."""
+
+    visible: torch.Tensor  # [q_pos] float32
+    sees_first: torch.Tensor  # [q_pos] bool
+
+    @classmethod
+    def from_mask(
+        cls, q_len: int, *, causal: bool, window: int | None = None, chunk: int | None = None
+    ) -> QueryLayout:
+        """The layout of a mask (as in :class:`workbench.capture.attention.KeyMask`)."""
+        p, j = torch.arange(q_len)[:, None], torch.arange(q_len)[None]  # [q, 1], [1, k]
+        seen = (j <= p) if causal else torch.ones(q_len, q_len, dtype=torch.bool)
+        if window is not None:
+            seen &= (p - j).abs() < window
+        if chunk is not None:
+            seen &= p // chunk == j // chunk
+        return cls(visible=seen.sum(-1).float(), sees_first=seen[:, 0])
+
+    @classmethod
+    def from_pattern(cls, pattern: torch.Tensor) -> QueryLayout:
+        """The layout a materialised pattern ``[head, q_pos, k_pos]`` shows: masked keys have
+        probability exactly 0 in every head (a visible key underflows to 0 in no realistic head,
+        let alone in all heads of a layer at once)."""
+        seen = (pattern > 0).any(0)  # [q_pos, k_pos]
+        return cls(visible=seen.sum(-1).float().cpu(), sees_first=seen[:, 0].cpu())
+
+
+def reduce_stats(stats: AttentionStats, layout: QueryLayout) -> dict[str, torch.Tensor]:
     """Per-query statistics of one layer -> per-head prompt statistics ``{name: [batch, head]}``.
 
-    ``stats`` fields are ``[batch, head, q_pos]`` over all positions of the prompt.
+    ``stats`` fields are ``[batch, head, q_pos]`` over all positions of the prompt; ``layout``
+    says which keys each query sees.
     """
     entropy = stats.entropy.float()  # [batch, head, q_pos]
-    q_len = entropy.shape[-1]
-    if causal:
-        visible = torch.arange(1, q_len + 1, dtype=torch.float32)  # [q_pos]
-    else:
-        visible = torch.full((q_len,), float(q_len))
+    visible = layout.visible.to(entropy.device)  # [q_pos]
     informative = visible > 1  # log(1) = 0: a single visible key carries no entropy information
     if informative.any():
         normalized = (entropy[..., informative] / visible[informative].log()).mean(-1)
     else:
-        normalized = torch.zeros(entropy.shape[:-1])
+        normalized = torch.zeros(entropy.shape[:-1], device=entropy.device)
+    learned = stats.learned_sink_mass
     return {
-        "first_token_mass": stats.sink_mass.float().mean(-1),
+        "first_token_mass": stats.sink_mass.float()[..., layout.sees_first.to(entropy.device)].mean(
+            -1
+        ),
         "entropy": entropy.mean(-1),
         "normalized_entropy": normalized,
         "max_prob": stats.max_prob.float().mean(-1),
+        "learned_sink_mass": torch.zeros_like(entropy[..., 0])
+        if learned is None
+        else learned.float().mean(-1),
     }
 
 
@@ -86,10 +126,8 @@ def _pattern_path(model: Model, token_ids: torch.Tensor) -> list[dict[str, torch
 
     def record(layer: int, pattern: torch.Tensor) -> None:  # pattern: [head, q_pos, k_pos]
         stats = stats_from_pattern(pattern[None], sink_size=1)
-        per_layer[layer] = {
-            name: value.cpu()
-            for name, value in reduce_stats(stats, causal=model.info.causal).items()
-        }
+        reduced = reduce_stats(stats, QueryLayout.from_pattern(pattern))
+        per_layer[layer] = {name: value.cpu() for name, value in reduced.items()}
 
     run_with_patterns(model, token_ids, record)
     return per_layer
@@ -100,9 +138,15 @@ def _streamed_path(model: Model, token_ids: torch.Tensor) -> list[dict[str, torc
 
     def record(layer: int, stats: AttentionStats, _received: None) -> None:
         # reduced as each layer arrives: host memory holds one layer's per-query statistics
-        per_layer[layer] = reduce_stats(stats, causal=model.info.causal)
+        mask = recorder.masks[layer]
+        layout = QueryLayout.from_mask(
+            token_ids.numel(), causal=model.info.causal, window=mask.window, chunk=mask.chunk
+        )
+        per_layer[layer] = reduce_stats(stats, layout)
 
-    run_streamed(model, token_ids, sink_size=1, on_layer=record)
+    recorder = StreamedRecorder(model.hf, sink_size=1, on_layer=record)
+    with recorder:
+        model.hf(token_ids[None].to(model.device))
     missing = [layer for layer in range(model.info.n_layers) if layer not in per_layer]
     if missing:
         raise RuntimeError(

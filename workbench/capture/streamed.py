@@ -44,6 +44,7 @@ from torch import Tensor
 from kernels import AttentionStats, attention_stats, received_attention
 from workbench.capture.attention import (
     AttentionCall,
+    KeyMask,
     attend,
     needs_kernel_output,
     register,
@@ -141,6 +142,7 @@ class StreamedRecorder:
         self.on_layer = on_layer
         self.output = output
         self._rows: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
+        self.masks: dict[int, KeyMask] = {}  # per layer, the window and chunk its keys had
         self._runs: list[_Forward] = []  # forwards that completed
         self._pending: _Forward | None = None  # the forward in progress
         self._swap = use_attention(model, ATTENTION_NAME)
@@ -222,6 +224,7 @@ class StreamedRecorder:
         run = self._pending
         layer = run.calls if call.layer is None else call.layer
         run.calls += 1
+        self.masks[layer] = KeyMask(window=call.window, chunk=call.chunk)
         query, key, value = call.query, call.key, call.value
 
         q_len, k_len = query.shape[2], key.shape[2]
