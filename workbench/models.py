@@ -87,7 +87,7 @@ class ModelInfo:
     """Uniform metadata of a loaded model; stored as the run file's model identity."""
 
     name: str
-    source: str  # "builtin", "toy", "local", "gguf" or "hub"
+    source: str  # "builtin", "toy", "local", "gguf", "hub" or "memory"
     revision: str
     architecture: str
     n_layers: int
@@ -311,6 +311,30 @@ def load(
     place(model.hf, device)
     model.hf.eval()
     return model
+
+
+def from_hf(
+    hf: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    name: str,
+    revision: str = "in memory",
+) -> Model:
+    """A :class:`Model` over a Hugging Face model that is already in memory, with its tokenizer.
+
+    For models that exist nowhere on disk: built from a config with random weights, trained or
+    edited in a notebook. The metadata is read from ``hf.config`` exactly as :func:`load` reads
+    it (``info.source`` is ``"memory"``); the model is used as it is (same device, dtype and
+    weights, no copy) and put in eval mode. Record ``config.architectures`` (as
+    ``save_pretrained`` does, e.g. ``["LlamaForCausalLM"]``) so that ``info.architecture`` and
+    :meth:`Model.bridge` know the class.
+
+    Example:
+        >>> config = LlamaConfig(architectures=["LlamaForCausalLM"])  # doctest: +SKIP
+        >>> model = from_hf(LlamaForCausalLM(config), tokenizer, name="my-llama")  # doctest: +SKIP
+    """
+    info = _model_info(hf.config, name=name, source="memory", revision=revision)
+    return Model(info, hf.eval(), tokenizer)
 
 
 def _looks_like_path(spec: str) -> bool:

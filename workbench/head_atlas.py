@@ -20,23 +20,22 @@ scikit-learn's:
 :func:`build_atlas` takes a :class:`workbench.scanner.ScanResult`, an open run file
 (:func:`workbench.open_run`) or a ``{name: ScoreTable}`` dict and returns an :class:`Atlas`:
 ``.frame`` (one row per head: layer, head, cluster, x, y, labels and the fingerprint columns),
-``.figure()`` (plotly scatter) and ``.cluster_summary()`` (mean raw score per cluster), which is
-what the Dash explorer shows.
+``.figure()`` (plotly scatter, :func:`workbench.figures.atlas_scatter`) and ``.cluster_summary()``
+(mean raw score per cluster), which is what the Dash explorer shows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 
 from workbench.errors import WorkbenchError
+from workbench.figures import ColourScale, atlas_scatter
 from workbench.scores import ScoreTable
-
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
 
 MAX_AUTO_CLUSTERS = 8
 METHODS = ("pca", "tsne")
@@ -56,36 +55,40 @@ class Atlas:
     method: str
     silhouette: float  # of the chosen clustering on the standardised fingerprints
 
-    def figure(self, title: str = "") -> go.Figure:
-        """Scatter of the 2-D embedding, coloured by cluster; hover shows layer, head, labels
-        and the fingerprint."""
-        import plotly.express as px  # lazy: scans run where plotly is not installed
-
-        frame = self.frame.assign(cluster=self.frame["cluster"].astype(str))
-        fig = px.scatter(
-            frame,
-            x="x",
-            y="y",
-            color="cluster",
-            hover_name=[f"L{la}H{h}" for la, h in zip(frame["layer"], frame["head"], strict=True)],
-            hover_data={
-                "labels": True,
-                **{f: ":.3f" for f in self.features},
-                "x": False,
-                "y": False,
-            },
-            category_orders={"cluster": [str(c) for c in range(self.n_clusters)]},
+    def figure(
+        self,
+        title: str = "",
+        *,
+        colour: np.ndarray | None = None,
+        colour_name: str = "",
+        scale: ColourScale | None = None,
+        group_size: int | None = None,
+    ) -> go.Figure:
+        """Scatter of the 2-D embedding, as the explorer draws it
+        (:func:`workbench.figures.atlas_scatter`): coloured by cluster, or by ``colour`` (one
+        value per row of :attr:`frame`, e.g. a score) with the cluster as the marker shape.
+        Hover shows the head (its KV head, given the model's ``group_size``), cluster, labels
+        and fingerprint."""
+        shape = " (marker shape)" if colour is not None else ""
+        title = title or (
+            f"head atlas: {self.method.upper()} of {len(self.features)} standardised scores; "
+            f"k-means k={self.n_clusters}{shape}, silhouette {self.silhouette:.2f}"
         )
-        fig.update_layout(
-            title=title or f"head atlas ({self.method.upper()}, k={self.n_clusters})",
-            xaxis_title=f"{self.method} 1",
-            yaxis_title=f"{self.method} 2",
+        return atlas_scatter(
+            self.frame,
+            self.features,
+            method=self.method.upper(),
+            group_size=group_size,
+            colour=colour,
+            colour_name=colour_name,
+            scale=scale,
+            title=title,
         )
-        return fig
 
-    def plot(self, title: str = "") -> go.Figure:
-        """The embedding scatter (:meth:`figure`), named like every result object's plot."""
-        return self.figure(title)
+    def plot(self, title: str = "", **colouring: Any) -> go.Figure:
+        """The embedding scatter (:meth:`figure`, same arguments), named like every result
+        object's plot."""
+        return self.figure(title, **colouring)
 
     def to_pandas(self) -> pd.DataFrame:
         """One row per head: layer, head, cluster, x, y, labels and the fingerprint."""

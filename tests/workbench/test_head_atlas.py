@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from workbench.atlas import AtlasError, build_atlas
+from workbench.head_atlas import AtlasError, build_atlas
 from workbench.scores import ScoreTable
 
 
