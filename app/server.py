@@ -63,7 +63,7 @@ def create_app(
     for order, (module_name, path, title) in enumerate(PAGES):
         module = importlib.import_module(module_name)
         dash.register_page(module_name, path=path, name=title, order=order, layout=module.layout)
-    # scikit-learn (the atlas's clustering, imported on first use by workbench.atlas) takes many
+    # scikit-learn (the atlas's clustering, imported on first use by workbench.head_atlas) takes many
     # seconds to import on a busy CPU: do it before the first atlas
     threading.Thread(target=_preload, args=("sklearn.cluster",), daemon=True).start()
     app.layout = html.Div(

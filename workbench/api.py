@@ -3,7 +3,7 @@ circuit (the interventions plugin), attention figures and the serving export. ``
 resolves here (see the package's ``__init__``).
 
     import workbench as wb
-    atlas = wb.atlas(result)                       # workbench.atlas.Atlas: .plot(), .to_pandas()
+    atlas = wb.atlas(result)                       # workbench.head_atlas.Atlas: .plot(), .to_pandas()
     circuit = wb.ioi(model, n=16)                  # interventions.circuit.Circuit
     wb.export_map("runs/x.h5", "duo", "maps/x", full_fraction=0.25)   # files for serving stacks
 """
@@ -16,7 +16,7 @@ from typing import Any
 from interventions import evaluate, intervene
 from interventions.circuit import Circuit
 from interventions.ioi import find_circuit
-from workbench.atlas import Atlas, build_atlas
+from workbench.head_atlas import Atlas, build_atlas
 from workbench.export import export
 from workbench.figures import plot_attention
 from workbench.headmap import HeadMap, Policy
@@ -28,7 +28,7 @@ __all__ = ["atlas", "evaluate", "export_map", "intervene", "ioi", "plot_attentio
 
 def atlas(source: Any, **options: Any) -> Atlas:
     """Cluster and embed the heads of a scan result, an open run or a run file's path
-    (options: see :func:`workbench.atlas.build_atlas`)."""
+    (options: see :func:`workbench.head_atlas.build_atlas`)."""
     if isinstance(source, str | Path):
         with open_run(source) as run:
             return build_atlas(run, **options)

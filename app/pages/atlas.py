@@ -2,7 +2,7 @@
 
 The grid is one heatmap (fast at 30+ layers × 32 heads); the range slider greys out heads whose
 score lies outside it, dots mark the heads the probe labelled, and lines separate KV groups
-(grouped-query attention). The second view is :func:`workbench.atlas.build_atlas`: k-means clusters
+(grouped-query attention). The second view is :func:`workbench.head_atlas.build_atlas`: k-means clusters
 (marker shapes) and a PCA layout of every head's standardised score vector, coloured by the score
 chosen above. Clicking a head in either view opens it on the Head page.
 """
@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly.graph_objects as go
 from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import catalog
-from app import figures as figs
 from app.components import error_panel, href, note, run_header
-from workbench.atlas import Atlas, build_atlas
+from workbench import figures as figs
+from workbench.head_atlas import Atlas, build_atlas
 from workbench.errors import WorkbenchError
 from workbench.store import open_run
 
@@ -164,8 +165,8 @@ def _grid(view: str, value_range: list[float], run: str):
                 )
             table = r.score(view.removeprefix(SCORE))
     except WorkbenchError as e:
-        return figs.go.Figure(), error_panel(str(e))
-    fig = figs.atlas_heatmap(
+        return go.Figure(), error_panel(str(e))
+    fig = figs.score_heatmap(
         info,
         table.values,
         table.name,
@@ -260,26 +261,13 @@ def _embedding(view: str, run: str):
                 scale = figs.score_scale(name, r.score(name).values)
             else:
                 colour = r.label(name).ravel().astype(float)
-                scale = figs.ColourScale(
-                    [[0, figs.LABEL_COLOURS[0]], [1, figs.LABEL_COLOURS[1]]], 0, 1
-                )
+                scale = figs.LABEL_SCALE
     except WorkbenchError as e:
         return error_panel(str(e), title="No fingerprint map")
     frame = atlas.frame
     index = frame["layer"].to_numpy() * info.n_heads + frame["head"].to_numpy()
-    fig = figs.embedding_scatter(
-        frame[["x", "y"]].to_numpy(),
-        frame["layer"].to_numpy(),
-        frame["head"].to_numpy(),
-        frame["head"].to_numpy() // info.group_size,
-        frame["cluster"].to_numpy(),
-        colour[index],
-        name,
-        scale=scale,
-        title=(
-            f"{atlas.method.upper()} of {len(atlas.features)} standardised scores; "
-            f"k-means k={atlas.n_clusters} (marker shape), silhouette {atlas.silhouette:.2f}"
-        ),
+    fig = atlas.figure(
+        colour=colour[index], colour_name=name, scale=scale, group_size=info.group_size
     )
     summary = atlas.cluster_summary().reset_index()
     table = html.Table(
