@@ -139,9 +139,11 @@ def parse_junit(path: Path) -> dict[str, Outcome]:
 
 
 def first_line(text: str) -> str:
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
-    line = line.replace("|", "\\|")
-    return line if len(line) <= 160 else line[:157] + "..."
+    """The gist of a failure message for a table note: its first non-empty lines (up to three,
+    so that ``AssertionError:`` comes with what was compared), at most 200 characters."""
+    lines = [part.strip() for part in text.splitlines() if part.strip()][:3]
+    line = " / ".join(lines).replace("|", "\\|")
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def cell(family: Family, column: Column, outcomes: dict[str, Outcome], notes: list[str]) -> str:
