@@ -7,7 +7,7 @@ model's lock, so two browser tabs never interleave their hooks on one model.
 
 Head views:
 
-* :func:`workbench.plots.head_pattern` -- one head's attention pattern on a short prompt, from
+* :func:`workbench.figures.head_pattern` -- one head's attention pattern on a short prompt, from
   TransformerLens's ``blocks.{l}.attn.hook_pattern`` on the model's bridge.
 * :func:`head_positions` -- the same head's statistics along positions at any length, from the
   streamed path (:class:`workbench.streamed.StreamedRecorder`): no L×L matrix is formed.

@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 
 from interventions import path_patching as pp
 from workbench.atomic import atomic_write_text
 from workbench.errors import InterventionError
+from workbench.figures import apply_style
 from workbench.models import Model, ModelInfo
 from workbench.store import open_run, write_circuit
 from workbench.tasks.templated import TaskDataset
@@ -166,10 +168,11 @@ class Circuit:
     def _repr_html_(self) -> str:
         return f"<pre>{self.summary()}</pre>" + self.to_pandas().to_html(index=False)
 
-    def plot(self) -> Any:
-        """A plotly figure: heads by layer (y) with their class colours, edges labelled q/k/v."""
-        import plotly.graph_objects as go
+    def plot(self) -> go.Figure:
+        """A plotly figure: heads by layer (y) with their class colours, edges labelled q/k/v.
 
+        An edge's hover (its path and effect) sits at its midpoint: its ends belong to the
+        nodes, whose ``customdata`` ``(layer, head)`` the explorer opens on a click."""
         xy: dict[str, tuple[float, float]] = {}
         for layer in sorted({h.layer for h in self.heads}):
             row = sorted((h for h in self.heads if h.layer == layer), key=lambda h: h.head)
@@ -178,6 +181,8 @@ class Circuit:
         top = max((y for _, y in xy.values()), default=0) + 1.5
         xy["logits"] = (0.0, top)
         fig = go.Figure()
+        midpoints: list[tuple[float, float]] = []
+        edge_text: list[str] = []
         for e in self.edges:
             if e.sender not in xy or e.receiver not in xy:
                 continue
@@ -187,12 +192,13 @@ class Circuit:
                     x=[x0, x1],
                     y=[y0, y1],
                     mode="lines",
-                    hoverinfo="text",
+                    hoverinfo="skip",
                     showlegend=False,
                     line={"color": "rgba(120,120,120,0.5)", "width": 1.5},
-                    text=f"{e.sender} → {e.receiver} ({e.via}): {_fmt(e.effect)}",
                 )
             )
+            midpoints.append(((x0 + x1) / 2, (y0 + y1) / 2))
+            edge_text.append(f"{e.sender} → {e.receiver} ({e.via}): {_fmt(e.effect)}")
         for role, color in CLASS_COLORS.items():
             members = [h for h in self.heads if h.role == role]
             if not members:
@@ -226,14 +232,27 @@ class Circuit:
                 marker={"size": 18, "color": "black", "symbol": "square"},
             )
         )
+        if midpoints:
+            fig.add_trace(
+                go.Scatter(
+                    x=[x for x, _ in midpoints],
+                    y=[y for _, y in midpoints],
+                    text=edge_text,
+                    mode="markers",
+                    name="edges",
+                    marker={"size": 10, "color": "rgba(0,0,0,0)"},
+                    hoverinfo="text",
+                    showlegend=False,
+                )
+            )
         fig.update_layout(
-            title=f"{self.task.get('task', '')} circuit of {self.model.get('name', '')}",
             xaxis={"visible": False},
             yaxis={"title": "layer"},
+            legend={"orientation": "h", "y": -0.08},
             template="plotly_white",
-            height=max(400, 40 * int(top) + 200),
         )
-        return fig
+        title = f"{self.task.get('task', '')} circuit of {self.model.get('name', '')}"
+        return apply_style(fig, height=max(400, 40 * int(top) + 200), title=title)
 
     # -- JSON ----------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 
 from interventions.engine import Intervener
@@ -32,6 +33,7 @@ from interventions.specs import (
     spec_from_dict,
 )
 from workbench.errors import InterventionError
+from workbench.figures import effect_bars
 from workbench.models import Model
 from workbench.tasks import Task, TaskBatch, get_task
 
@@ -213,33 +215,19 @@ class EvalResult:
         """:attr:`table`: one row per metric."""
         return self.table
 
-    def plot(self, metric: str | None = None) -> Any:
-        """Bar chart of ``metric`` (default: the task's first): the change under the
-        interventions and under the matched control, with their bootstrap CIs."""
-        import plotly.graph_objects as go
-
-        metric = metric or self.metrics[0]
-        if metric not in self.table.index:
+    def plot(self, metric: str | None = None) -> go.Figure:
+        """Bar chart of the change of every metric (or of ``metric`` only) under the
+        interventions, next to the matched random control, with their bootstrap CIs: the
+        figure of the explorer's intervention lab (:func:`workbench.figures.effect_bars`)."""
+        if metric is not None and metric not in self.table.index:
             raise InterventionError(f"no metric {metric!r} (metrics: {', '.join(self.metrics)})")
-        row = self.table.loc[metric]
-        bars = [("intervened", "")] + ([("control", "control_")] if self.controls else [])
-        fig = go.Figure(
-            go.Bar(
-                x=[name for name, _ in bars],
-                y=[row[f"{key}diff"] for _, key in bars],
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [row[f"{key}ci_high"] - row[f"{key}diff"] for _, key in bars],
-                    "arrayminus": [row[f"{key}diff"] - row[f"{key}ci_low"] for _, key in bars],
-                },
-            )
+        pct = round(100 * self.confidence)
+        shown = "each metric" if metric is None else metric
+        return effect_bars(
+            self.table if metric is None else self.table.loc[[metric]],
+            confidence=self.confidence,
+            title=f"{self.task}: change of {shown} ({pct}% bootstrap CI)",
         )
-        fig.update_layout(
-            title=f"{self.task}: change in {metric} (baseline {row['baseline']:.3f})",
-            yaxis_title=f"{metric} − baseline",
-        )
-        return fig
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: specs, controls, the table, per-example values."""

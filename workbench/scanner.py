@@ -13,21 +13,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 
 from probes import get_probes
 from workbench import distributed
+from workbench.errors import MissingEntryError
+from workbench.figures import score_heatmap
 from workbench.models import Model, ModelInfo, load
 from workbench.probe import Measurement, ScanContext, measure, publish, record, score
 from workbench.scores import ScoreTable
 from workbench.store import RunWriter
 from workbench.tasks import PromptSet, load_prompts
-
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
 
 
 @dataclass
@@ -60,25 +60,20 @@ class ScanResult:
         return frame[frame["labels"] != ""].reset_index(drop=True)
 
     def heatmap(self, name: str) -> go.Figure:
-        """Layer x head heatmap of one score table."""
-        import plotly.graph_objects as go  # lazy: scans run where plotly is not installed
-
-        table = self.tables[name]
-        fig = go.Figure(
-            go.Heatmap(
-                z=table.values,
-                colorscale="Viridis",
-                colorbar={"title": name},
-                hovertemplate="L%{y} H%{x}: %{z:.3f}<extra></extra>",
+        """Layer x head heatmap of score ``name``, its labelled heads dotted (the explorer's
+        atlas grid: :func:`workbench.figures.score_heatmap`)."""
+        if name not in self.tables:
+            raise MissingEntryError(
+                f"no score {name!r} in this scan (scores: {', '.join(self.tables)})"
             )
-        )
-        fig.update_layout(
+        table = self.tables[name]
+        return score_heatmap(
+            self.model,
+            table.values,
+            name,
+            selected=table.selected if table.label else None,
             title=f"{self.model.name}: {name}",
-            xaxis_title="head",
-            yaxis_title="layer",
-            yaxis_autorange="reversed",
         )
-        return fig
 
     def to_pandas(self) -> pd.DataFrame:
         """The scores frame (same as :attr:`scores`), named like every result object's."""
@@ -89,8 +84,6 @@ class ScanResult:
         if name is None:
             labelled = [n for n, t in self.tables.items() if t.label]
             name = (labelled or list(self.tables))[0]
-        if name not in self.tables:
-            raise KeyError(f"no score {name!r} in this scan (scores: {', '.join(self.tables)})")
         return self.heatmap(name)
 
     def summary(self) -> str:

@@ -15,7 +15,6 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import catalog
 from app.components import error_panel, href, needs_panel, note, run_header
-from app.figures import FONT
 from workbench.errors import WorkbenchError
 
 
@@ -79,7 +78,7 @@ def layout(run: str | None = None, name: str | None = None, **_q: str) -> html.D
             html.P(circuit.summary().split("\n")[0], className="muted"),
             _metrics(circuit),
             note("Click a head to open it."),
-            dcc.Graph(id="circuit-graph", figure=_figure(circuit), config={"displaylogo": False}),
+            dcc.Graph(id="circuit-graph", figure=circuit.plot(), config={"displaylogo": False}),
             html.H3("Classes"),
             _classes(circuit, run),
             html.H3("Paths"),
@@ -87,37 +86,6 @@ def layout(run: str | None = None, name: str | None = None, **_q: str) -> html.D
         ],
         className="page page-circuit",
     )
-
-
-def _figure(circuit: Any):
-    """The circuit's own plot, with each edge's hover moved to its midpoint: an edge ends on
-    its nodes, and a hover there must find the node (whose click opens the head)."""
-    import plotly.graph_objects as go
-
-    fig = circuit.plot()
-    edges = [t for t in fig.data if t.mode == "lines" and t.customdata is None]
-    for edge in edges:
-        edge.hoverinfo = "skip"
-    if edges:
-        fig.add_trace(
-            go.Scatter(
-                x=[sum(e.x) / 2 for e in edges],
-                y=[sum(e.y) / 2 for e in edges],
-                text=[e.text for e in edges],
-                mode="markers",
-                marker={"size": 10, "color": "rgba(0,0,0,0)"},
-                hoverinfo="text",
-                showlegend=False,
-            )
-        )
-    fig.update_layout(
-        font=FONT,
-        margin={"l": 60, "r": 20, "t": 56, "b": 40},
-        title={"x": 0, "xanchor": "left", "font": {"size": 14}},
-        legend={"orientation": "h", "y": -0.08},
-        clickmode="event",
-    )
-    return fig
 
 
 def _metrics(circuit: Any) -> html.Div:

@@ -12,9 +12,9 @@ import numpy as np
 from dash import Input, Output, State, callback, dcc, html
 
 from app import catalog
-from app import figures as figs
 from app.components import error_panel, href, model_line, note
 from app.pages.atlas import PREFERRED
+from workbench import figures as figs
 from workbench.errors import WorkbenchError
 
 

@@ -14,9 +14,8 @@ import torch
 from dash import Input, Output, State, callback, dcc, html
 
 from app import catalog, compute, jobs
-from app import figures as figs
 from app.components import error_panel, href, note, run_header
-from workbench import plots
+from workbench import figures as figs
 from workbench.errors import WorkbenchError
 
 TYPED = "typed"
@@ -241,14 +240,14 @@ def _views(set_progress, _clicks: int | None, choice: str, typed: str | None, id
         with pool.lock(info):
             positions = compute.head_positions(model, ids, layer, head, on_block)
             pattern = (
-                plots.head_pattern(model, ids, layer, head)
+                figs.head_pattern(model, ids, layer, head)
                 if ids.numel() <= compute.PATTERN_MAX_TOKENS
                 else None
             )
     except WorkbenchError as e:
         return error_panel(str(e))
     set_progress(("1", "1", f"{ids.numel()} tokens: done"))
-    labels = plots.token_labels(model, ids.numpy())
+    labels = figs.token_labels(model, ids.numpy())
     views: list = [
         note(
             f"{ids.numel()} tokens · model loaded once in this server ({', '.join(pool.loaded())})"

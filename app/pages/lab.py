@@ -16,12 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import plotly.graph_objects as go
 from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import catalog, compute, jobs
 from app.components import error_panel, format_heads, href, note, parse_heads, run_header
-from app.figures import FONT
 from workbench.errors import WorkbenchError
 from workbench.tasks import Task, get_task
 
@@ -386,42 +384,6 @@ def _result_view(result, loads: int) -> html.Div:
             )
         ]
     )
-    fig = go.Figure()
-    metrics = list(table.index)
-    for label, prefix, colour in (
-        ("chosen heads", "", "#c0392b"),
-        ("matched random heads", "control_", "#6c757d"),
-    ):
-        diff = table[prefix + "diff"].to_numpy()
-        fig.add_trace(
-            go.Bar(
-                x=metrics,
-                y=diff,
-                name=label,
-                marker_color=colour,
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": table[prefix + "ci_high"].to_numpy() - diff,
-                    "arrayminus": diff - table[prefix + "ci_low"].to_numpy(),
-                },
-            )
-        )
-    fig.update_layout(
-        barmode="group",
-        height=320,
-        font=FONT,
-        margin={"l": 60, "r": 20, "t": 48, "b": 40},
-        title={
-            "text": f"change of each metric ({pct}% bootstrap CI)",
-            "x": 0,
-            "font": {"size": 14},
-        },
-        yaxis_title="with − without",
-        legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
-        plot_bgcolor="white",
-    )
-    fig.add_hline(y=0, line={"color": "#adb5bd", "width": 1})
     controls = " | ".join(
         ", ".join(f"{la}.{h}" for s in draw for la, h in s.heads) for draw in result.controls
     )
@@ -436,7 +398,7 @@ def _result_view(result, loads: int) -> html.Div:
                 id="lab-summary",
             ),
             html.Table([html.Thead(header), html.Tbody(rows)], className="compact", id="lab-table"),
-            dcc.Graph(figure=fig, config={"displaylogo": False}, id="lab-figure"),
+            dcc.Graph(figure=result.plot(), config={"displaylogo": False}, id="lab-figure"),
             note(f"random control heads ({len(result.controls)} draws): {controls}"),
             note(f"model loads in this server process so far: {loads}"),
         ]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app import compute
-from workbench import plots
+from workbench import figures
 from workbench.errors import RunMismatchError
 from workbench.capture import StreamedRecorder
 
@@ -26,7 +26,7 @@ def test_pool_loads_each_model_once_and_checks_its_identity(tiny_model) -> None:
 def test_pattern_and_streamed_positions_agree(tiny_model) -> None:
     ids = tiny_model.tokenize("when mary and john went to the store john gave a drink to mary")
     layer, head = 1, 3
-    pattern = plots.head_pattern(tiny_model, ids, layer, head)  # [q_pos, k_pos]
+    pattern = figures.head_pattern(tiny_model, ids, layer, head)  # [q_pos, k_pos]
     seen = []
     positions = compute.head_positions(
         tiny_model, ids, layer, head, on_block=lambda i, n: seen.append((i, n))

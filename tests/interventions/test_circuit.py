@@ -70,8 +70,15 @@ def test_plot_has_a_node_per_head_and_the_logits():
     circuit = make({"name": "m"}, [(1, 0, "name mover"), (0, 1, "s-inhibition")])
     fig = circuit.plot()
     names = [t.name for t in fig.data if t.mode and "markers" in t.mode]
-    assert names == ["name mover", "s-inhibition", "logits"]
-    assert sum(1 for t in fig.data if t.mode == "lines") == 2
+    assert names == ["name mover", "s-inhibition", "logits", "edges"]
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) == 2 and all(t.hoverinfo == "skip" for t in lines)
+    edges = fig.data[-1]  # each edge's hover sits at its midpoint, clear of the nodes
+    assert list(edges.text) == ["0.1 → 1.0 (q): -0.200", "1.0 → logits (direct): n/a"]
+    assert [(x, y) for x, y in zip(edges.x, edges.y, strict=True)] == [
+        ((lines[0].x[0] + lines[0].x[1]) / 2, (lines[0].y[0] + lines[0].y[1]) / 2),
+        ((lines[1].x[0] + lines[1].x[1]) / 2, (lines[1].y[0] + lines[1].y[1]) / 2),
+    ]
 
 
 def test_overlap_counts_shared_heads():

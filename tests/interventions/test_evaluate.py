@@ -78,9 +78,12 @@ def test_evaluate_matches_direct_computation(tiny_model, task):
     np.testing.assert_allclose(again.table.to_numpy(), r.table.to_numpy(), atol=1e-4)
     assert "matched random control" in r.summary() and "<table" in r._repr_html_()
     assert r.to_pandas() is r.table
-    bars = r.plot("logit_diff").data[0]
-    assert list(bars.x) == ["intervened", "control"]
-    np.testing.assert_allclose(bars.y, [table["diff"], table["control_diff"]])
+    chosen, control = r.plot("logit_diff").data  # one bar group per metric, as in the lab
+    assert (chosen.name, control.name) == ("chosen heads", "matched random heads")
+    assert list(chosen.x) == list(control.x) == ["logit_diff"]
+    np.testing.assert_allclose([chosen.y[0], control.y[0]], [table["diff"], table["control_diff"]])
+    np.testing.assert_allclose(chosen.error_y.array, [table["ci_high"] - table["diff"]])
+    assert [list(t.x) for t in r.plot().data] == [list(r.metrics)] * 2  # every metric
     with pytest.raises(InterventionError, match="no metric"):
         r.plot("nope")
 
