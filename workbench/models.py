@@ -365,11 +365,12 @@ def _load_path(spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> Mode
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
+    resolved = path.resolve()  # the name too: reloading from `revision` must give the same one
     return _load_hf_dir(
         path,
-        name=path.name,
+        name=resolved.name,
         source="local",
-        revision=str(path.resolve()),
+        revision=str(resolved),
         dtype=dtype,
         **placement,
     )

@@ -15,6 +15,15 @@ def test_local_directory_metadata(tiny_model):
     assert tiny_model.tokenize("the cat")[0].item() == tiny_model.tokenizer.bos_token_id
 
 
+def test_a_directory_has_one_identity_however_it_is_named(tiny_model, tiny_llama_dir, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(tiny_llama_dir)
+    for spec in (link, tiny_llama_dir / "."):
+        info = models.load(str(spec), device="cpu").info
+        assert info == tiny_model.info  # what a run records, and what reloads it (revision)
+    assert models.load(tiny_model.info.revision, device="cpu").info == tiny_model.info
+
+
 def test_config_hash_ignores_provenance_but_not_shape(tiny_llama_dir, tmp_path):
     from transformers import AutoConfig
 
