@@ -7,6 +7,11 @@ through :func:`workbench.open_run`, and only those inside the runs directory or 
 command line (:mod:`app.catalog`).
 """
 
-from app.server import create_app, serve
+from workbench.lazy import lazy_exports
 
-__all__ = ["create_app", "serve"]
+# public name -> the module that defines it (imported on first use, so that the CLI can read
+# app/cli.py without importing Dash)
+_EXPORTS = {"create_app": "app.server", "serve": "app.server"}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

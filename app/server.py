@@ -8,6 +8,7 @@ Background callbacks run in threads of this process (:class:`app.jobs.ThreadJobM
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import sys
@@ -23,6 +24,7 @@ from dash import Input, Output, dcc, html
 from app import catalog, compute
 from app.components import error_panel, href
 from app.jobs import ThreadJobManager
+from workbench.errors import WorkbenchError
 
 # (module, path, menu title), in menu order
 PAGES = (
@@ -63,7 +65,7 @@ def create_app(
     for order, (module_name, path, title) in enumerate(PAGES):
         module = importlib.import_module(module_name)
         dash.register_page(module_name, path=path, name=title, order=order, layout=module.layout)
-    # scikit-learn (the atlas's clustering, imported on first use by workbench.head_atlas) takes many
+    # scikit-learn (the clustering, imported on first use by workbench.head_atlas) takes many
     # seconds to import on a busy CPU: do it before the first atlas
     threading.Thread(target=_preload, args=("sklearn.cluster",), daemon=True).start()
     app.layout = html.Div(
@@ -133,3 +135,21 @@ def serve(
         )
     print(f"workbench app: http://{host}:{port}/ (runs from {catalog.current().runs_dir})")
     app.run(host=host, port=port, debug=debug, use_reloader=False)
+
+
+def run_app(args: argparse.Namespace) -> None:
+    """``workbench app [RUN... | DIR]`` (:mod:`app.cli` holds its arguments)."""
+    dirs = [Path(r) for r in args.runs if Path(r).is_dir()]
+    files = [Path(r) for r in args.runs if not Path(r).is_dir()]
+    if len(dirs) > 1 or (dirs and args.runs_dir):
+        raise WorkbenchError("give one runs directory (a directory argument or --runs-dir)")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise WorkbenchError(f"no such run file: {', '.join(missing)}")
+    runs_dir = Path(args.runs_dir or (dirs[0] if dirs else "runs"))
+    if not runs_dir.is_dir() and not files:
+        raise WorkbenchError(
+            f"no runs directory {runs_dir}; make a run first (workbench scan MODEL --out "
+            f"{runs_dir}/x.h5) or pass run files: workbench app RUN.h5"
+        )
+    serve(runs_dir, files, host=args.host, port=args.port, device=args.device)

@@ -10,62 +10,47 @@
 
 Modules: :mod:`~interventions.specs` (the kinds), :mod:`~interventions.ops` (their arithmetic on
 each path), :mod:`~interventions.engine` (hooks and groups), :mod:`~interventions.streamed`
-(the attention function of the long path), :mod:`~interventions.evaluate` (evaluate, sweep),
-:mod:`~interventions.self_repair`. The tasks it measures (``IOI``, ``Needle``, ``Loss``,
+(the attention function of the long path), :mod:`~interventions.evaluation` (evaluate, sweep),
+:mod:`~interventions.repair`. The tasks it measures (``IOI``, ``Needle``, ``Loss``,
 ``NextToken``, ``Toy``) are core material, defined in :mod:`workbench.tasks.metric` and
 re-exported here; a name such as ``"ioi"`` reaches them through ``workbench.tasks.get_task``.
 """
 
-from interventions.engine import Intervener, intervene
-from interventions.evaluate import EvalResult, evaluate, matched_control, sweep, top_heads
-from interventions.self_repair import direct_effects, self_repair
-from interventions.specs import (
-    KINDS,
-    FirstTokenAttention,
-    Intervention,
-    MeanAblation,
-    PatchOutput,
-    PatchPattern,
-    Redistribute,
-    ResampleAblation,
-    ScaleOutput,
-    UniformAttention,
-    ZeroAblation,
-    dump_specs,
-    load_specs,
-    spec_from_dict,
-)
-from workbench.tasks import IOI, Loss, Needle, NextToken, Task, TaskBatch, Toy
+from workbench.lazy import lazy_exports
 
-__all__ = [
-    "IOI",
-    "KINDS",
-    "EvalResult",
-    "FirstTokenAttention",
-    "Intervener",
-    "Intervention",
-    "Loss",
-    "MeanAblation",
-    "Needle",
-    "NextToken",
-    "PatchOutput",
-    "PatchPattern",
-    "Redistribute",
-    "ResampleAblation",
-    "ScaleOutput",
-    "Task",
-    "TaskBatch",
-    "Toy",
-    "UniformAttention",
-    "ZeroAblation",
-    "direct_effects",
-    "dump_specs",
-    "evaluate",
-    "intervene",
-    "load_specs",
-    "matched_control",
-    "self_repair",
-    "spec_from_dict",
-    "sweep",
-    "top_heads",
-]
+# public name -> the module that defines it (imported on first use: workbench.lazy)
+_EXPORTS = {
+    "EvalResult": "interventions.evaluation",
+    "FirstTokenAttention": "interventions.specs",
+    "IOI": "workbench.tasks",
+    "Intervener": "interventions.engine",
+    "Intervention": "interventions.specs",
+    "KINDS": "interventions.specs",
+    "Loss": "workbench.tasks",
+    "MeanAblation": "interventions.specs",
+    "Needle": "workbench.tasks",
+    "NextToken": "workbench.tasks",
+    "PatchOutput": "interventions.specs",
+    "PatchPattern": "interventions.specs",
+    "Redistribute": "interventions.specs",
+    "ResampleAblation": "interventions.specs",
+    "ScaleOutput": "interventions.specs",
+    "Task": "workbench.tasks",
+    "TaskBatch": "workbench.tasks",
+    "Toy": "workbench.tasks",
+    "UniformAttention": "interventions.specs",
+    "ZeroAblation": "interventions.specs",
+    "direct_effects": "interventions.repair",
+    "dump_specs": "interventions.specs",
+    "evaluate": "interventions.evaluation",
+    "intervene": "interventions.engine",
+    "load_specs": "interventions.specs",
+    "matched_control": "interventions.evaluation",
+    "self_repair": "interventions.repair",
+    "spec_from_dict": "interventions.specs",
+    "sweep": "interventions.evaluation",
+    "top_heads": "interventions.evaluation",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -1,4 +1,7 @@
-"""``workbench intervene``: evaluate a spec file, sweep heads, or measure self-repair on a task.
+"""Handlers of the interventions' commands (arguments in :mod:`interventions.cli`).
+
+``workbench intervene``: evaluate a spec file, sweep heads, or measure self-repair on a task;
+``workbench ioi``: find an IOI-style circuit, print its classes and write it.
 
 Examples::
 
@@ -16,11 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from interventions.circuit import Circuit, overlap
+from interventions.evaluation import evaluate, sweep, top_heads
+from interventions.ioi import Rules, find_circuit
+from interventions.repair import direct_effects, self_repair
+from interventions.specs import load_specs, parse_head
 from workbench.atomic import atomic_write_text
 from workbench.errors import InterventionError
+from workbench.models import load
 from workbench.store import check_run_model, open_run
 from workbench.tasks import get_task
 
@@ -33,9 +44,6 @@ def _task(args: argparse.Namespace) -> Any:
 
 
 def _heads_option(args: argparse.Namespace, model: Any) -> list[Any] | None:
-    from interventions.evaluate import top_heads
-    from interventions.specs import parse_head
-
     if args.heads:
         return [parse_head(h) for h in args.heads.split(",")]
     if args.scores:
@@ -48,13 +56,8 @@ def _heads_option(args: argparse.Namespace, model: Any) -> list[Any] | None:
     return None
 
 
-def run(args: argparse.Namespace) -> None:
-    """The subcommand's handler (``workbench.cli`` parses the arguments)."""
-    from interventions.evaluate import evaluate, sweep
-    from interventions.self_repair import direct_effects, self_repair
-    from interventions.specs import load_specs
-    from workbench.models import load
-
+def run_intervene(args: argparse.Namespace) -> None:
+    """``workbench intervene`` (:mod:`interventions.cli` holds its arguments)."""
     modes = [m for m in (args.spec, args.sweep, args.self_repair, args.direct_effects) if m]
     if len(modes) != 1:
         raise InterventionError(
@@ -89,8 +92,6 @@ def run(args: argparse.Namespace) -> None:
         payload = {"metric": frame.attrs["metric"], "task": task.name,
                    "rows": frame.to_dict(orient="records")}  # fmt: skip
     else:
-        from interventions.specs import parse_head
-
         heads = [parse_head(h) for h in args.self_repair.split(",")]
         frame = self_repair(model, task, heads, kind=args.kind, options=options, **common)
         print(f"self-repair ({args.kind}) on {task.name}, metric {frame.attrs['metric']}")
@@ -101,3 +102,57 @@ def run(args: argparse.Namespace) -> None:
         payload["model"] = model.info.to_dict()
         path = atomic_write_text(Path(args.out), json.dumps(payload, indent=1, default=float))
         print(f"wrote {path}")
+
+
+def run_ioi(args: argparse.Namespace) -> None:
+    """``workbench ioi MODEL``: find the circuit, print the classes table, write the circuit."""
+    overrides = dict(args.rule)
+    unknown = set(overrides) - set(Rules.__dataclass_fields__)
+    if unknown:
+        raise InterventionError(
+            f"unknown rule threshold(s) {sorted(unknown)}; choose from "
+            f"{sorted(Rules.__dataclass_fields__)}"
+        )
+    rules = Rules(**{k: float(v) for k, v in overrides.items()})
+    templates = [int(t) for t in args.templates.split(",")] if args.templates else None
+    model = load(args.model, device=args.device)
+    started = time.time()
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.time() - started:6.0f}s] {message}", file=sys.stderr, flush=True)
+
+    circuit = find_circuit(
+        model,
+        task=args.task,
+        n=args.n,
+        seed=args.seed,
+        templates=templates,
+        rules=rules,
+        exact_heads=args.exact_heads,
+        max_senders=args.max_senders,
+        checks=not args.no_checks,
+        log=log,
+    )
+    circuit.metrics["seconds"] = round(time.time() - started, 1)
+    print(circuit.summary())
+    for note in circuit.notes:
+        print(f"note: {note}")
+    out = Path(args.out or f"runs/{model.info.name}-{circuit.task['task']}-circuit.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    circuit.save(out)
+    print(f"circuit: {out}")
+    if args.run:
+        circuit.store(args.run)
+        print(f"stored in run file {args.run} as circuits/{circuit.task['task']}")
+    if args.plot:
+        atomic_write_text(Path(args.plot), circuit.plot().to_html(include_plotlyjs="cdn"))
+        print(f"graph: {args.plot}")
+    if args.compare:
+        other = Circuit.load(args.compare)
+        shared = overlap(circuit, other)
+        print(
+            f"overlap with {args.compare} ({shared['b']}): {shared['n_shared']} shared heads, "
+            f"{shared['share_of_a']:.0%} of this circuit, {shared['share_of_b']:.0%} of the "
+            f"other, Jaccard {shared['jaccard']:.2f}"
+        )

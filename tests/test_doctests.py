@@ -7,7 +7,7 @@ import pytest
 
 MODULES = [
     "interventions.specs",
-    "interventions.evaluate",
+    "interventions.evaluation",
     "workbench.scanner",
     "workbench.tasks.registry",
     "workbench.tasks.templated",

@@ -14,8 +14,7 @@ The names below resolve on first use (PEP 562): ``import workbench.models`` or t
 plugins). The layers and where each concept lives: docs/architecture.md.
 """
 
-from importlib import import_module
-from typing import Any
+from workbench.lazy import lazy_exports
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -39,16 +38,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    """``wb.<name>`` from the module that defines it, imported on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

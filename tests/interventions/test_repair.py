@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from interventions.self_repair import self_repair
+from interventions.repair import self_repair
 from workbench.tasks import NextToken
 
 PROMPTS = ["the cat sat on the", "the dog ran to the", "it was a big red"]
@@ -57,7 +57,7 @@ def test_no_change_no_effect(tiny_model, task):
 
 
 def test_direct_effects_match_self_repair(tiny_model, task):
-    from interventions.self_repair import direct_effects
+    from interventions.repair import direct_effects
 
     table = direct_effects(tiny_model, task, batch_size=2)
     assert len(table) == tiny_model.info.n_layers * tiny_model.info.n_heads

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from interventions.engine import intervene
-from interventions.evaluate import bootstrap_ci, evaluate, matched_control, sweep, top_heads
+from interventions.evaluation import bootstrap_ci, evaluate, matched_control, sweep, top_heads
 from interventions.specs import ScaleOutput, ZeroAblation, load_specs
 from workbench.errors import InterventionError, TaskBuildError
 from workbench.tasks import Loss, NextToken

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from interventions.engine import Intervener
-from interventions.evaluate import _as_task
+from interventions.evaluation import _as_task
 from interventions.specs import MeanAblation, parse_head, spec_from_dict
 from workbench.errors import InterventionError
 from workbench.models import Model
