@@ -1,10 +1,11 @@
 """Plotly figures of attention heads: one builder per view, for the notebook and the explorer.
 
-Every figure the workbench draws is built here, from plain arrays and tables, and both fronts
-call the same function: a notebook through the result objects (``ScanResult.heatmap`` /
-``.plot()``, ``Atlas.plot()``, ``EvalResult.plot()``, ``wb.plot_attention``), the Dash explorer
+Every view of heads is built here, from plain arrays and tables, and both fronts call the same
+function: a notebook through the result objects (``ScanResult.heatmap`` / ``.plot()``,
+``Atlas.plot()``, ``EvalResult.plot()``, ``wb.plot_attention``), the Dash explorer
 (``app/pages``) directly. So a head looks the same in both, with the same colours, axis labels
-and hover text.
+and hover text. A plugin's figure of its own result (``Circuit.plot``, which the explorer shows
+as it is) takes the shared look from :func:`apply_style`.
 
 Colour. A score keeps one colour scale wherever it appears (:func:`score_scale`): its colours
 come from a fixed table (or, for a score the table does not know, a stable hash of its name),
