@@ -147,6 +147,26 @@ def _hover(info: ModelInfo, label: str) -> np.ndarray:
     return np.char.add(text, f"<br>{label}")
 
 
+def _grid_trace(
+    info: ModelInfo, z: np.ndarray, label: str, scale: ColourScale, **options: object
+) -> go.Heatmap:
+    """The heatmap trace of a layer × head grid (``z: [n_layers, n_heads]``): one cell per head
+    with a gap between cells, hover naming the head and its KV head; ``options`` are the
+    trace's other properties (hover template, colour bar)."""
+    return go.Heatmap(
+        z=z,
+        x=list(range(info.n_heads)),
+        y=list(range(info.n_layers)),
+        colorscale=scale.colorscale,
+        zmin=scale.zmin,
+        zmax=scale.zmax,
+        text=_hover(info, label),
+        xgap=1,
+        ygap=1,
+        **options,
+    )
+
+
 def _grid_axes(fig: go.Figure, info: ModelInfo, row: int | None = None, col: int | None = None):
     step = 1 if info.n_heads <= 16 else 2
     fig.update_xaxes(
@@ -201,19 +221,14 @@ def score_heatmap(
         lo, hi = value_range
         shown[(values < lo) | (values > hi)] = np.nan
     fig = go.Figure(
-        go.Heatmap(
-            z=shown,
-            x=list(range(info.n_heads)),
-            y=list(range(info.n_layers)),
+        _grid_trace(
+            info,
+            shown,
+            name,
+            scale,
             customdata=values,
-            colorscale=scale.colorscale,
-            zmin=scale.zmin,
-            zmax=scale.zmax,
-            text=_hover(info, name),
             hovertemplate="%{text} = %{customdata:.3f}<extra></extra>",
             colorbar={"title": {"text": name, "side": "right"}, "thickness": 14},
-            xgap=1,
-            ygap=1,
         )
     )
     if selected is not None and selected.any():
@@ -237,19 +252,14 @@ def label_heatmap(info: ModelInfo, mask: np.ndarray, label: str) -> go.Figure:
     """Layer × head grid of one label (``mask: [n_layers, n_heads]`` bool)."""
     z = np.asarray(mask, dtype=float)  # [n_layers, n_heads]
     fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=list(range(info.n_heads)),
-            y=list(range(info.n_layers)),
-            colorscale=LABEL_SCALE.colorscale,
-            zmin=LABEL_SCALE.zmin,
-            zmax=LABEL_SCALE.zmax,
-            text=_hover(info, label),
+        _grid_trace(
+            info,
+            z,
+            label,
+            LABEL_SCALE,
             customdata=np.where(mask, "yes", "no"),
             hovertemplate="%{text}: %{customdata}<extra></extra>",
             showscale=False,
-            xgap=1,
-            ygap=1,
         )
     )
     _kv_decorations(fig, info)
@@ -495,17 +505,14 @@ def compare_heatmaps(
         scale = scales[col - 1]
         show = col == 2 or not same_score
         fig.add_trace(
-            go.Heatmap(
-                z=values,
-                colorscale=scale.colorscale,
-                zmin=scale.zmin,
-                zmax=scale.zmax,
-                text=_hover(info, name),
+            _grid_trace(
+                info,
+                values,
+                name,
+                scale,
                 hovertemplate="%{text} = %{z:.3f}<extra></extra>",
                 colorbar={"x": right_edge[col - 1], "thickness": 10, "len": 0.9},
                 showscale=show,
-                xgap=1,
-                ygap=1,
             ),
             row=1,
             col=col,
@@ -516,16 +523,13 @@ def compare_heatmaps(
         diff = values_b - values_a
         bound = float(np.nanmax(np.abs(diff))) or 1.0
         fig.add_trace(
-            go.Heatmap(
-                z=diff,
-                colorscale=DIFF_SCALE,
-                zmin=-bound,
-                zmax=bound,
-                text=_hover(info_a, "B − A"),
+            _grid_trace(
+                info_a,
+                diff,
+                "B − A",
+                ColourScale(DIFF_SCALE, -bound, bound),
                 hovertemplate="%{text} = %{z:+.3f}<extra></extra>",
                 colorbar={"x": 1.0, "thickness": 10, "len": 0.9},
-                xgap=1,
-                ygap=1,
             ),
             row=1,
             col=3,
