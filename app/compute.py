@@ -10,7 +10,7 @@ Head views:
 * :func:`workbench.figures.head_pattern` -- one head's attention pattern on a short prompt, from
   TransformerLens's ``blocks.{l}.attn.hook_pattern`` on the model's bridge.
 * :func:`head_positions` -- the same head's statistics along positions at any length, from the
-  streamed path (:class:`workbench.streamed.StreamedRecorder`): no L×L matrix is formed.
+  streamed path (:class:`workbench.capture.StreamedRecorder`): no L×L matrix is formed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import workbench
+from workbench.capture import StreamedRecorder
 from workbench.errors import ModelLoadError
 from workbench.models import Model, ModelInfo
 from workbench.store import check_run_model
@@ -151,8 +152,6 @@ def head_positions(
     """Streamed per-position statistics of one head (``token_ids: [seq]``), no L×L tensor.
 
     Only blocks 0..layer run; ``on_block`` reports each (see :func:`first_blocks`)."""
-    from workbench.streamed import StreamedRecorder
-
     with (
         first_blocks(model, layer + 1, on_block),
         StreamedRecorder(model.hf, sink_size=1, received=True) as recorder,

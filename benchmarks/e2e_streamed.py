@@ -1,12 +1,12 @@
 """End-to-end cost of the streamed capture path on a Llama-2-7B-shaped model.
 
-``python benchmarks/e2e_streamed.py [--length 32768]`` (CUDA GPU) builds LlamaForCausalLM with
+``python -m benchmarks.e2e_streamed [--length 32768]`` (CUDA GPU) builds LlamaForCausalLM with
 the Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000) and
 random bf16 weights directly on the GPU, then times one forward pass of ``length`` tokens
 (``logits_to_keep=1``):
 
 - ``plain``: attention through SDPA (``attn_implementation="sdpa"``);
-- ``streamed``: under `workbench.streamed.StreamedRecorder` with its defaults (sink 4, recent
+- ``streamed``: under `workbench.capture.StreamedRecorder` with its defaults (sink 4, recent
   window 256, one 64-token span), per-query statistics of every layer copied to the CPU;
 - ``streamed, output=kernel`` / ``output=sdpa``: the same with each layer's output taken from
   the fused stats+output kernel, or from SDPA with a separate statistics pass;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import re
@@ -36,26 +35,14 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kernels import stats_from_pattern
+from workbench.atomic import atomic_write_text
+from workbench.capture import StreamedRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK_START, MARK_END = "<!-- e2e:start -->", "<!-- e2e:end -->"
-
-
-def _load(relative: str):
-    """A workbench module by path (``workbench/streamed.py``): importing the workbench package
-    would also import its app-level dependencies (plotly, h5py, ...), which a bare GPU image may
-    lack."""
-    sys.path.insert(0, str(ROOT))  # for `kernels`
-    spec = importlib.util.spec_from_file_location(
-        "workbench_" + Path(relative).stem, ROOT / relative
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-atomic = _load("workbench/atomic.py")  # atomic_write_text
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
@@ -78,13 +65,9 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def check(streamed, device: str) -> bool:
+def check(device: str) -> bool:
     """A tiny random Llama (fp32, GQA, padding): streamed statistics against the eager attention
     patterns, through the Triton kernels on a GPU (the torch reference on the CPU)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kernels import stats_from_pattern
-
     config = LlamaConfig(
         vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -102,7 +85,7 @@ def check(streamed, device: str) -> bool:
         attention_mask = mask if padded else torch.ones_like(mask)
         with torch.no_grad():
             out = model(ids, attention_mask=attention_mask, output_attentions=True)
-            with streamed.StreamedRecorder(model, output=output, **kw) as rec:
+            with StreamedRecorder(model, output=output, **kw) as rec:
                 logits = model(ids, attention_mask=attention_mask).logits
         real = attention_mask.bool()
         case = (logits[real] - out.logits[real]).abs().max().item()
@@ -135,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --device cpu for a dry run)", file=sys.stderr)
         return 2
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    streamed = _load("workbench/streamed.py")
     if args.check:
-        return 0 if check(streamed, args.device) else 1
+        return 0 if check(args.device) else 1
     config = LlamaConfig(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
@@ -159,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def recorded(**extra):
         def run():
-            with streamed.StreamedRecorder(model, **kw, **extra) as rec:
+            with StreamedRecorder(model, **kw, **extra) as rec:
                 logits = model(ids, logits_to_keep=1).logits
             return logits, rec.stats  # .stats waits for the copies to the CPU
 
@@ -194,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     for row in rows:
         row["ratio_to_plain"] = row["ms"] / rows[0]["ms"]
-    command = "python benchmarks/e2e_streamed.py"
+    command = "python -m benchmarks.e2e_streamed"
     if args.length != 32768:
         command += f" --length {args.length}"
     if args.layers != 32:
@@ -214,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", result["device_name"].lower()).strip("-")
-    atomic.atomic_write_text(args.out / f"{slug}-e2e.json", json.dumps(result, indent=1))
+    atomic_write_text(args.out / f"{slug}-e2e.json", json.dumps(result, indent=1))
     write_docs(result, args.docs)
     print(json.dumps(result, indent=1))
     return 0
@@ -251,7 +231,7 @@ def write_docs(result: dict, path: Path) -> None:
         text = pre + block + rest.split(MARK_END, 1)[1]
     else:
         text += "\n" + block + "\n"
-    atomic.atomic_write_text(path, text)
+    atomic_write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Scaling past one GPU: data-parallel scan throughput (1 vs N GPUs) and a model sharded over GPUs.
 
-``python benchmarks/scaling_bench.py --results DIR`` (a machine with 2+ CUDA GPUs):
+``python -m benchmarks.scaling_bench --results DIR`` (a machine with 2+ CUDA GPUs):
 
 1. builds a random-weight Llama of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads,
    4 KV heads, intermediate 5632, vocab 32000; bf16) as a Hugging Face directory with a
@@ -39,8 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench import distributed
+from workbench.capture import head_statistics
+from workbench.models import load
+from workbench.scanner import scan
+from workbench.store import open_run
+from workbench.tasks import load_prompts
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 MARK_START, MARK_END = "<!-- scaling:start -->", "<!-- scaling:end -->"
 PROBES, PATH = "sink,entropy", "streamed"
 SHAPE = dict(  # TinyLlama-1.1B
@@ -95,12 +101,6 @@ def worker(args: argparse.Namespace) -> None:
     """Under torchrun: load on this rank's device, warm up, time one scan between barriers."""
     import torch.distributed as dist
 
-    from workbench import distributed
-    from workbench.capture import head_statistics
-    from workbench.models import load
-    from workbench.scanner import scan
-    from workbench.tasks import load_prompts
-
     ranks = distributed.init_from_env()
     device = distributed.rank_device(ranks, None if args.device == "cuda" else args.device)
     start = time.perf_counter()
@@ -146,7 +146,6 @@ def _torchrun(n: int, *args: str) -> float:
 
 def _run_difference(a: Path, b: Path) -> float:
     """Largest absolute difference of any statistic or score between two run files."""
-    from workbench.store import open_run
 
     worst = 0.0
     with open_run(a) as ra, open_run(b) as rb:
@@ -161,13 +160,12 @@ def _run_difference(a: Path, b: Path) -> float:
 
 def data_parallel(args: argparse.Namespace, work: Path, gpus: int) -> dict:
     """1 vs ``gpus`` ranks on the same prompts: in-process scan timing and the CLI end to end."""
-    me = str(Path(__file__).resolve())
     runs = {}
     for n in sorted({1, gpus}):
         out, record = work / f"run-{n}.h5", work / f"scan-{n}.json"
         common = ["--model", str(work / "model"), "--prompts", str(work / "prompts.jsonl")]
-        _torchrun(n, me, "worker", *common, "--run-file", str(out), "--json", str(record),
-                  "--device", args.device)  # fmt: skip
+        _torchrun(n, "-m", "benchmarks.scaling_bench", "worker", *common, "--run-file", str(out),
+                  "--json", str(record), "--device", args.device)  # fmt: skip
         runs[n] = json.loads(record.read_text())
         print(f"{n} GPU(s), in process: {runs[n]}", flush=True)
         cli_out = work / f"cli-{n}.h5"
@@ -189,9 +187,6 @@ def data_parallel(args: argparse.Namespace, work: Path, gpus: int) -> dict:
 
 def sharded(args: argparse.Namespace, work: Path) -> dict:
     """The model over all GPUs (``device_map="balanced"``) against the same model on GPU 0."""
-    from workbench.capture import head_statistics
-    from workbench.models import load
-    from workbench.tasks import load_prompts
 
     prompts = load_prompts(str(work / "prompts.jsonl")).texts[: args.sharded_prompts]
 
@@ -235,7 +230,6 @@ def sharded(args: argparse.Namespace, work: Path) -> dict:
 def _pattern_on_sharded(model, text: str, tokens: int = 512) -> dict:
     """The pattern path (TransformerLens bridge) on the sharded model against its streamed path
     on one ``tokens``-token prompt; recorded as not run where TransformerLens is missing."""
-    from workbench.capture import head_statistics
 
     try:
         import transformer_lens  # noqa: F401

@@ -48,6 +48,8 @@ import torch
 
 from interventions import path_patching as pp
 from interventions.circuit import Circuit, CircuitEdge, CircuitHead, faithfulness
+from interventions.engine import Intervener
+from interventions.specs import ResampleAblation
 from workbench.errors import InterventionError
 from workbench.models import Model
 from workbench.tasks import get_task
@@ -206,9 +208,6 @@ def activation_patching(
     """Exact activation patching of each head's output (all positions) from the ABC prompts into
     the clean ones, through the intervention engine (one ``ResampleAblation`` group per head).
     Returns the relative change of the mean logit difference per head ``[len(heads)]``."""
-    from interventions.engine import Intervener
-    from interventions.specs import ResampleAblation
-
     engine = Intervener(model, max_rows=max_rows)
     groups = [[]] + [[ResampleAblation(heads=(h,))] for h in heads]
     totals = torch.zeros(len(groups))

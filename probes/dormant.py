@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probes.basic import as_numpy, choose_path, decode, run_streamed, run_with_patterns
+from probes.basic import as_numpy, decode
+from workbench.capture import resolve_path, run_streamed, run_with_patterns
 from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
 from workbench.tasks.domains import DOMAINS, domain_inputs
@@ -93,7 +94,7 @@ def domain_statistics(
     """``{sink_mass, row_entropy[, column_entropy]}``, each ``[n_layers, n_heads]``."""
     n = int(token_ids.numel())
     causal = model.info.causal
-    if choose_path(path, n) == "pattern":
+    if resolve_path(path, n) == "pattern":
         per_layer: list[dict[str, torch.Tensor]] = [{}] * model.info.n_layers
 
         def on_pattern(layer: int, pattern: torch.Tensor) -> None:  # [head, q_pos, k_pos]
@@ -129,7 +130,7 @@ class DormantProbe:
                 n_tokens=ctx.option("dormant_tokens", 256),
                 seed=ctx.option("dormant_seed", 0),
             )
-            columns = all(choose_path(ctx.path, len(ids)) == "pattern" for ids in token_ids)
+            columns = all(resolve_path(ctx.path, len(ids)) == "pattern" for ids in token_ids)
             definitions = {k: f"{v} ({domain})" for k, v in DEFINITIONS.items()}
             if not columns:
                 del definitions["column_entropy"]

@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probes.basic import choose_path, decode, run_streamed, run_with_patterns
+from probes.basic import decode
+from workbench.capture import resolve_path, run_streamed, run_with_patterns
 from workbench.errors import ProbeOptionError
 from workbench.models import Model
 from workbench.probe import Measurement, ScanContext
@@ -190,7 +191,7 @@ def positional_statistics(
     if n < 2:
         raise ProbeOptionError(f"positional scores need >= 2 tokens, got {n}")
     pairs = detection_pairs(tokens)
-    if choose_path(path, n) == "pattern":
+    if resolve_path(path, n) == "pattern":
         per_layer: list[dict[str, torch.Tensor]] = [{}] * model.info.n_layers
 
         def on_pattern(layer: int, pattern: torch.Tensor) -> None:  # [head, q_pos, k_pos]

@@ -51,19 +51,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from probes.basic import (
-    BASIC,
-    as_numpy,
-    basic_measurement,
-    choose_path,
-    layer_of,
-    run_with_patterns,
-)
+from probes.basic import BASIC, as_numpy, basic_measurement
+from workbench.capture import StreamedRecorder, layer_of, resolve_path, run_with_patterns
 from workbench.errors import ShapeError
 from workbench.models import Model
 from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
-from workbench.streamed import StreamedRecorder
 
 SINKS = "sinks"
 HIDDEN_SINK_THRESHOLD = 0.1  # ACT's threshold on c_k / n_k
@@ -98,7 +91,7 @@ def sink_statistics(
     path: str = "auto",
 ) -> dict[str, np.ndarray]:
     """The ``sinks`` statistics of one prompt ``[seq]`` (see :data:`SINK_STATISTICS`) from the
-    pattern path or the streamed path (``path`` as for :func:`probes.basic.choose_path`)."""
+    pattern path or the streamed path (``path`` as for :func:`workbench.capture.resolve_path`)."""
     info = model.info
     n = int(token_ids.numel())
     if n < 2:
@@ -113,7 +106,7 @@ def sink_statistics(
     def on_received(layer: int, received: torch.Tensor) -> None:  # [head, k_pos] column sums
         hidden[layer] = _hidden_sinks(received.float().cpu() / seen_by, candidate, token_ids)
 
-    if choose_path(path, n) == "pattern":
+    if resolve_path(path, n) == "pattern":
         w_o = model.bridge().W_O.detach().float()  # [layer, head, d_head, d_model]
 
         def on_v(v: torch.Tensor, hook) -> None:  # [batch, pos, kv_head, d_head]

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from kernels import stats_from_pattern
-from probes.basic import as_numpy, choose_path, decode, run_streamed, run_with_patterns
+from probes.basic import as_numpy, decode
+from workbench.capture import resolve_path, run_streamed, run_with_patterns
 from workbench.errors import ProbeOptionError
 from workbench.headmap import Policy
 from workbench.models import Model
@@ -58,7 +59,7 @@ def outside_window_mass(
             "use longer prompts (streaming_tokens) or a smaller window (streaming_recent)"
         )
     kept = dict(sink_size=sink_size, recent_window=recent_size)
-    if choose_path(path, n) == "pattern":
+    if resolve_path(path, n) == "pattern":
         per_layer = [torch.empty(0)] * model.info.n_layers
 
         def on_pattern(layer: int, pattern: torch.Tensor) -> None:  # [head, q_pos, k_pos]

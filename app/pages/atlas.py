@@ -2,7 +2,8 @@
 
 The grid is one heatmap (fast at 30+ layers × 32 heads); the range slider greys out heads whose
 score lies outside it, dots mark the heads the probe labelled, and lines separate KV groups
-(grouped-query attention). The second view is :func:`workbench.head_atlas.build_atlas`: k-means clusters
+(grouped-query attention). The second view is :func:`workbench.head_atlas.build_atlas`:
+k-means clusters
 (marker shapes) and a PCA layout of every head's standardised score vector, coloured by the score
 chosen above. Clicking a head in either view opens it on the Head page.
 """
@@ -20,8 +21,8 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 from app import catalog
 from app.components import error_panel, href, note, run_header
 from workbench import figures as figs
-from workbench.head_atlas import Atlas, build_atlas
 from workbench.errors import WorkbenchError
+from workbench.head_atlas import Atlas, build_atlas
 from workbench.store import open_run
 
 SCORE, LABEL = "score:", "label:"

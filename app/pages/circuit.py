@@ -15,6 +15,7 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import catalog
 from app.components import error_panel, href, needs_panel, note, run_header
+from interventions.circuit import Circuit
 from workbench.errors import WorkbenchError
 
 
@@ -27,13 +28,6 @@ def layout(run: str | None = None, name: str | None = None, **_q: str) -> html.D
             if e.ok
         ] or [html.Li("no readable run files")]
         return html.Div([title, note("Choose a run:"), html.Ul(links)], className="page")
-    try:
-        from interventions.circuit import Circuit
-    except ImportError as e:
-        return html.Div(
-            [title, needs_panel("interventions.circuit", f"the circuit reader is missing ({e})")],
-            className="page",
-        )
     try:
         with catalog.current().open(run) as r:
             info = r.model

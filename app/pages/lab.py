@@ -20,6 +20,8 @@ from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import catalog, compute, jobs
 from app.components import error_panel, format_heads, href, note, parse_heads, run_header
+from interventions.evaluation import evaluate, top_heads
+from interventions.specs import spec_from_dict
 from workbench.errors import WorkbenchError
 from workbench.tasks import Task, get_task
 
@@ -58,10 +60,6 @@ def layout(run: str | None = None, heads: str | None = None, **_q: str) -> html.
             [title, note("Choose the run whose model to intervene on:"), html.Ul(links)],
             className="page",
         )
-    try:
-        import interventions.evaluate  # noqa: F401 - the evaluation loop (issue 6)
-    except ImportError as e:
-        return html.Div([title, error_panel(f"interventions.evaluate is missing: {e}")])
     try:
         with catalog.current().open(run) as r:
             info = r.model
@@ -215,8 +213,6 @@ def _add_heads(label: str | None, score: str | None, k: int | None, text: str, r
                 mask = r.label(label)  # [n_layers, n_heads]
                 new = [(int(la), int(h)) for la, h in zip(*np.nonzero(mask), strict=True)]
             elif score and k:
-                from interventions.evaluate import top_heads
-
                 new = top_heads(r.score(score), int(k))
             else:
                 return no_update
@@ -283,8 +279,6 @@ def _chosen_task(choice: str, n: int, model_name: str) -> Task:
 
 
 def _spec(kind: str, heads: list[tuple[int, int]], param: float | None, task: str):
-    from interventions.specs import spec_from_dict
-
     data: dict[str, Any] = {"kind": kind, "heads": [list(h) for h in heads]}
     if kind == "scale":
         data["factor"] = float(param if param is not None else 0.0)
@@ -321,8 +315,6 @@ N_CONTROLS = 3
     prevent_initial_call=True,
 )
 def _evaluate(set_progress, _clicks, run, heads_text, kind, param, task_choice, n):
-    from interventions.evaluate import evaluate
-
     try:
         with catalog.current().open(run) as r:
             info = r.model
