@@ -3,11 +3,13 @@
 `attention_stats` computes, for every (batch, head, query), the log-sum-exp, the entropy, the
 maximum probability and its key index, the mass on the first ``sink_size`` keys, the mass on
 given key spans and the mass outside sinks + a recent window -- and, on request, the attention
-output itself -- without forming the L×L pattern. The definitions live in `kernels.reference`.
+output itself -- without forming the L×L pattern. It covers the attention variants of current
+models: sliding windows, chunks, logit softcapping, learned sink logits, ALiBi and a value
+width of its own. The definitions live in `kernels.reference`.
 
 Kernel layout
 -------------
-One program per (query block of ``BLOCK_M`` rows, batch × head). It walks the key blocks once,
+One program per (query block of ``BLOCK_M`` rows, batch × head). It walks its key blocks once,
 keeping per row, in base-2 units (``s2 = s · log2 e``):
 
 - ``m``: running max of ``s2``; ``l = Σ 2^{s2 - m}``; ``u = Σ 2^{s2 - m} (s2 - m)``, rescaled by
@@ -17,12 +19,25 @@ keeping per row, in base-2 units (``s2 = s · log2 e``):
   so ties keep the smallest index).
 - ``acc``: ``Σ 2^{s2 - m} v`` when the output is requested (rescaled by ``α`` like FlashAttention).
 
-The key blocks every row of the query block sees in full (left of the causal diagonal, inside
-``k_len``, no padding) take a loop without masks; the rest take a masked loop. The sink, span and
-recent-window masses touch few keys, so they are not accumulated in the main loop: after it, the
-final ``m`` and ``l`` are known and a short second walk over just those key blocks sums
-``2^{s2 - m}`` over each set. Outside mass is ``1 - sink - recent`` for causal attention (the
-recent window is the short range), and summed directly for bidirectional attention.
+Which key blocks: each row sees one interval of keys (causal mask, sliding window, chunk), so a
+query block's keys come in three runs (`kernels.blocks`, computed on the host): blocks only some
+rows see (masked loop), blocks every row sees in full (a loop without masks), masked again.
+Blocks outside are never loaded, so a sliding window of W keys costs O(L · W), not O(L²).
+
+Logits: without a score transform the products ``q·k`` are scaled by ``qk_scale = scale · log2
+e`` fused with the max subtraction (one FMA per score, as in the Triton fused-attention tutorial).
+With softcapping (``c · tanh(s / c)``) or ALiBi (``+ m_h (j - p)``, from key and query indices,
+no L×L bias tensor) the scores are first turned into base-2 logits and the fused scale is 1.
+
+Learned sinks (gpt-oss): after the main loop, the sink logit ``z2`` of the head is folded into
+``(m, l, u)`` like one more key without a value; ``max_prob`` stays the largest key probability,
+``2^{m_keys - m} / l``, and ``learned_sink_mass = 2^{z2 - m} / l``.
+
+The sink, span and recent-window masses touch few keys, so they are not accumulated in the main
+loop: after it, the final ``m`` and ``l`` are known and a short second walk over just those key
+blocks (inside the program's key range) sums ``2^{s2 - m}`` over each set. Outside mass is
+``Σ_keys - sink - recent`` for causal attention (the recent window is the short range), and
+summed directly for bidirectional attention.
 
 Grouped-query attention reads kv head ``h // group`` with plain pointer offsets (no repeated K).
 Query blocks are launched heaviest first, which shortens the tail of causal grids.
@@ -36,6 +51,7 @@ import torch
 from torch import Tensor
 
 from kernels import reference
+from kernels.blocks import key_blocks
 from kernels.reference import AttentionStats, SpansLike, check_args, check_qk
 
 try:
@@ -76,11 +92,15 @@ def block_sizes(d_head: int, on_gpu: bool, with_output: bool = False) -> tuple[i
 
     Statistics only: the fastest of ``python -m kernels.bench --sweep 16384`` on an H100. With
     the output, the [BLOCK_M, d] accumulator wants 8 warps: at d=128 the 4-warp configuration
-    ran 1.3-1.6x slower there, at d=64 within 6% (docs/benchmarks.md). The interpreter gets
-    small blocks so that tests at a few hundred tokens still cross several blocks.
+    ran 1.3-1.6x slower there, at d=64 within 6% (docs/benchmarks.md). Heads wider than 128
+    (MLA's 192) get 64-row blocks so that the q tile and accumulator fit; not tuned. The
+    interpreter gets small blocks so that tests at a few hundred tokens still cross several
+    blocks.
     """
     if not on_gpu:
         return 32, 32, 4, 1
+    if d_head > 128:
+        return (64, 64, 8, 2) if with_output else (64, 64, 4, 2)
     if with_output:
         return (128, 128, 8, 3) if d_head <= 64 else (128, 64, 8, 3)
     return (64, 64, 4, 3) if d_head <= 64 else (128, 64, 4, 3)
@@ -101,6 +121,54 @@ if triton is not None:
         return tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
 
     @triton.jit
+    def _tanh(x):
+        """tanh from exp2 (the interpreter has no libdevice): ~1e-7 absolute error."""
+        t = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # e^{-2|x|}
+        y = (1.0 - t) / (1.0 + t)
+        return tl.where(x < 0, -y, y)
+
+    @triton.jit
+    def _row_range(
+        qpos,
+        k_len,
+        window,
+        chunk,
+        chunk_off,
+        CAUSAL: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_CHUNK: tl.constexpr,
+    ):
+        """[first, end) of the keys each row may see before padding (`reference.key_range`)."""
+        first = tl.zeros_like(qpos)
+        end = tl.zeros_like(qpos) + k_len
+        if CAUSAL:
+            end = tl.minimum(end, qpos + 1)
+        if HAS_WINDOW:
+            first = tl.maximum(first, qpos - window + 1)
+            if not CAUSAL:
+                end = tl.minimum(end, qpos + window)
+        if HAS_CHUNK:
+            t = qpos - chunk_off
+            c = t // chunk
+            c = tl.where(c * chunk > t, c - 1, c)  # floor, however // rounds negatives
+            start = chunk_off + c * chunk
+            first = tl.maximum(first, start)
+            end = tl.minimum(end, start + chunk)
+        return first, end
+
+    @triton.jit
+    def _transform(
+        s, offs_n, qpos, sm_scale, softcap, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr
+    ):
+        """Raw products q·k [BLOCK_M, BLOCK_N] -> base-2 logits (`reference._logits` · log2 e)."""
+        x = s * sm_scale
+        if SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        if ALIBI:
+            x += slope * (offs_n[None, :] - qpos[:, None]).to(tl.float32)
+        return x * 1.4426950408889634
+
+    @triton.jit
     def _scores(
         q,
         K_head,
@@ -112,16 +180,23 @@ if triton is not None:
         stride_kd,
         d_head: tl.constexpr,
         qpos,
+        first,
+        end,
         pad_row,
+        sm_scale,
+        softcap,
+        slope,
         MASKED: tl.constexpr,
-        CAUSAL: tl.constexpr,
         HAS_PAD: tl.constexpr,
+        TRANSFORM: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        ALIBI: tl.constexpr,
         DOT_PREC: tl.constexpr,
     ):
-        """Unscaled products q·k of one key block, -inf where not visible: [BLOCK_M, BLOCK_N].
+        """Scores of one key block, -inf where not visible: [BLOCK_M, BLOCK_N].
 
-        Callers scale by ``qk_scale > 0`` (base-2 units) fused with the max subtraction, one FMA
-        per score, as in the Triton fused-attention tutorial."""
+        Without a TRANSFORM the raw products q·k: callers scale them by ``qk_scale > 0`` (base-2
+        units) fused with the max subtraction. With one, base-2 logits, and ``qk_scale = 1``."""
         offs_n = start_n + offs_n_base  # [BLOCK_N]
         k_ptrs = K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         if MASKED:
@@ -131,10 +206,10 @@ if triton is not None:
         else:
             k = _load_rows(k_ptrs, offs_d, d_head)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
-        if MASKED:
-            vis = offs_n[None, :] < k_len
-            if CAUSAL:
-                vis = vis & (offs_n[None, :] <= qpos[:, None])
+        if TRANSFORM:
+            s = _transform(s, offs_n, qpos, sm_scale, softcap, slope, SOFTCAP, ALIBI)
+        if MASKED:  # end <= k_len, so this also masks keys past the end
+            vis = (offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < end[:, None])
             if HAS_PAD:
                 real = tl.load(pad_row + offs_n, mask=offs_n < k_len, other=0)
                 vis = vis & (real[None, :] != 0)
@@ -158,37 +233,32 @@ if triton is not None:
         d_head: tl.constexpr,
         d_v: tl.constexpr,
         qpos,
+        first,
+        end,
         pad_row,
         qk_scale,
+        sm_scale,
+        softcap,
+        slope,
         m_i,
         l_i,
         u_i,
         arg_i,
         acc,
         MASKED: tl.constexpr,
-        CAUSAL: tl.constexpr,
         HAS_PAD: tl.constexpr,
+        TRANSFORM: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        ALIBI: tl.constexpr,
         RETURN_OUTPUT: tl.constexpr,
         DOT_PREC: tl.constexpr,
     ):
         """Fold one key block into the running (m, l, u, arg, acc) of the query block."""
         s = _scores(
-            q,
-            K_head,
-            start_n,
-            offs_n_base,
-            offs_d,
-            k_len,
-            stride_kn,
-            stride_kd,
-            d_head,
-            qpos,
-            pad_row,
-            MASKED,
-            CAUSAL,
-            HAS_PAD,
-            DOT_PREC,
-        )
+            q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd, d_head, qpos,
+            first, end, pad_row, sm_scale, softcap, slope, MASKED, HAS_PAD, TRANSFORM, SOFTCAP,
+            ALIBI, DOT_PREC,
+        )  # fmt: skip
         # the max commutes with the positive scale; ties: smallest index
         m_raw, idx_blk = tl.max(s, axis=1, return_indices=True)
         m_blk = m_raw * qk_scale
@@ -228,13 +298,20 @@ if triton is not None:
         stride_kd,
         d_head: tl.constexpr,
         qpos,
+        first,
+        end,
         pad_row,
         qk_scale,
+        sm_scale,
+        softcap,
+        slope,
         m_safe,
         row_lo,
         row_hi,
-        CAUSAL: tl.constexpr,
         HAS_PAD: tl.constexpr,
+        TRANSFORM: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        ALIBI: tl.constexpr,
         DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -244,22 +321,10 @@ if triton is not None:
         c = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
             s = _scores(
-                q,
-                K_head,
-                start_n,
-                offs_n_base,
-                offs_d,
-                k_len,
-                stride_kn,
-                stride_kd,
-                d_head,
-                qpos,
-                pad_row,
-                True,
-                CAUSAL,
-                HAS_PAD,
-                DOT_PREC,
-            )
+                q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd, d_head,
+                qpos, first, end, pad_row, sm_scale, softcap, slope, True, HAS_PAD, TRANSFORM,
+                SOFTCAP, ALIBI, DOT_PREC,
+            )  # fmt: skip
             offs_n = start_n + offs_n_base
             keep = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
             p = tl.math.exp2(s * qk_scale - m_safe[:, None])
@@ -273,6 +338,10 @@ if triton is not None:
         V,
         QPOS,
         PAD,
+        BOUNDS,
+        CHUNK_OFF,
+        SINKS,
+        SLOPES,
         SPANS,
         LSE,
         ENT,
@@ -280,6 +349,7 @@ if triton is not None:
         ARG,
         SINK,
         OUTSIDE,
+        LEARNED,
         SPAN_MASS,
         OUT,
         stride_qb,
@@ -299,6 +369,7 @@ if triton is not None:
         stride_om,
         stride_od,
         stride_pad_b,
+        stride_bounds_b,
         stride_span_b,
         n_heads,
         group,
@@ -307,12 +378,22 @@ if triton is not None:
         n_spans,
         sink_size,
         recent_window,
+        window,
+        chunk,
         qk_scale,
+        sm_scale,
+        softcap,
         d_head: tl.constexpr,
         d_v: tl.constexpr,
         CAUSAL: tl.constexpr,
         HAS_PAD: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_CHUNK: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
         HAS_OUTSIDE: tl.constexpr,
+        TRANSFORM: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        ALIBI: tl.constexpr,
         RETURN_OUTPUT: tl.constexpr,
         DEFAULT_POS: tl.constexpr,
         DOT_PREC: tl.constexpr,
@@ -337,6 +418,14 @@ if triton is not None:
             qpos = tl.where(row_ok, offs_m + (k_len - q_len), -1)
         else:
             qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1).to(tl.int32)
+        chunk_off = 0
+        if HAS_CHUNK and HAS_PAD:  # chunks start at the row's first real token
+            chunk_off = tl.load(CHUNK_OFF + b).to(tl.int32)
+        first, end = _row_range(qpos, k_len, window, chunk, chunk_off, CAUSAL, HAS_WINDOW,
+                                HAS_CHUNK)  # fmt: skip
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(SLOPES + h).to(tl.float32)
 
         q_ptrs = (
             Q
@@ -350,96 +439,70 @@ if triton is not None:
         V_head = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
         pad_row = PAD + b.to(tl.int64) * stride_pad_b
 
-        # Key range: causal rows see keys <= their position; unmasked blocks are those every
-        # row of this query block sees in full.
-        if CAUSAL:
-            hi = tl.minimum(tl.max(qpos, axis=0) + 1, k_len)
-            min_pos = tl.min(tl.where(row_ok, qpos, k_len), axis=0)
-            full_hi = tl.minimum(min_pos + 1, k_len)
-        else:
-            hi = k_len
-            full_hi = k_len
-        unmasked_hi = 0 if HAS_PAD else (full_hi // BLOCK_N) * BLOCK_N
+        # Key runs (kernels.blocks): masked [lo, un_lo), unmasked [un_lo, un_hi), masked
+        # [un_hi, hi); every other key block is hidden from all rows and skipped.
+        bounds = BOUNDS + b.to(tl.int64) * stride_bounds_b + pid_m * 4
+        lo = tl.load(bounds)
+        un_lo = tl.load(bounds + 1)
+        un_hi = tl.load(bounds + 2)
+        hi = tl.load(bounds + 3)
 
         m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         arg_i = tl.full([BLOCK_M], -1, dtype=tl.int32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        for start_n in range(0, unmasked_hi, BLOCK_N):
+        for start_n in range(lo, un_lo, BLOCK_N):
             m_i, l_i, u_i, arg_i, acc = _main_block(
-                q,
-                K_head,
-                V_head,
-                start_n,
-                offs_n_base,
-                offs_d,
-                offs_dv,
-                k_len,
-                stride_kn,
-                stride_kd,
-                stride_vn,
-                stride_vd,
-                d_head,
-                d_v,
-                qpos,
-                pad_row,
-                qk_scale,
-                m_i,
-                l_i,
-                u_i,
-                arg_i,
-                acc,
-                False,
-                CAUSAL,
-                HAS_PAD,
-                RETURN_OUTPUT,
-                DOT_PREC,
-            )
-        for start_n in range(unmasked_hi, hi, BLOCK_N):
+                q, K_head, V_head, start_n, offs_n_base, offs_d, offs_dv, k_len, stride_kn,
+                stride_kd, stride_vn, stride_vd, d_head, d_v, qpos, first, end, pad_row,
+                qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i, arg_i, acc, True, HAS_PAD,
+                TRANSFORM, SOFTCAP, ALIBI, RETURN_OUTPUT, DOT_PREC,
+            )  # fmt: skip
+        for start_n in range(un_lo, un_hi, BLOCK_N):
             m_i, l_i, u_i, arg_i, acc = _main_block(
-                q,
-                K_head,
-                V_head,
-                start_n,
-                offs_n_base,
-                offs_d,
-                offs_dv,
-                k_len,
-                stride_kn,
-                stride_kd,
-                stride_vn,
-                stride_vd,
-                d_head,
-                d_v,
-                qpos,
-                pad_row,
-                qk_scale,
-                m_i,
-                l_i,
-                u_i,
-                arg_i,
-                acc,
-                True,
-                CAUSAL,
-                HAS_PAD,
-                RETURN_OUTPUT,
-                DOT_PREC,
-            )
+                q, K_head, V_head, start_n, offs_n_base, offs_d, offs_dv, k_len, stride_kn,
+                stride_kd, stride_vn, stride_vd, d_head, d_v, qpos, first, end, pad_row,
+                qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i, arg_i, acc, False, HAS_PAD,
+                TRANSFORM, SOFTCAP, ALIBI, RETURN_OUTPUT, DOT_PREC,
+            )  # fmt: skip
+        for start_n in range(un_hi, hi, BLOCK_N):
+            m_i, l_i, u_i, arg_i, acc = _main_block(
+                q, K_head, V_head, start_n, offs_n_base, offs_d, offs_dv, k_len, stride_kn,
+                stride_kd, stride_vn, stride_vd, d_head, d_v, qpos, first, end, pad_row,
+                qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i, arg_i, acc, True, HAS_PAD,
+                TRANSFORM, SOFTCAP, ALIBI, RETURN_OUTPUT, DOT_PREC,
+            )  # fmt: skip
 
+        has_key = l_i > 0
+        keys = l_i  # Σ over keys of 2^{s2 - m}
+        key_max = tl.where(has_key, 1.0, 0.0)  # 2^{m_keys - m}: the largest key's share of l
+        row = (b * n_heads + h).to(tl.int64) * q_len + offs_m  # [BLOCK_M] into [B, H, q_len]
+        if HAS_SINKS:  # the learned sink: one more logit, no value
+            z2 = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m_f = tl.maximum(m_i, z2)
+            alpha = tl.math.exp2(m_i - m_f)  # 0 for rows without keys
+            shift = tl.where(has_key, m_i - m_f, 0.0)
+            e_z = tl.math.exp2(z2 - m_f)
+            u_i = alpha * (u_i + shift * l_i) + e_z * (z2 - m_f)
+            keys = alpha * l_i
+            l_i = keys + e_z
+            key_max = alpha
+            acc = acc * alpha[:, None]
+            m_i = m_f
+            tl.store(LEARNED + row, e_z / l_i, mask=row_ok)
         valid = l_i > 0
         l_safe = tl.where(valid, l_i, 1.0)
         m_safe = tl.where(valid, m_i, 0.0)
         ln2 = 0.6931471805599453
-        row = (b * n_heads + h).to(tl.int64) * q_len + offs_m  # [BLOCK_M] into [B, H, q_len]
         tl.store(
             LSE + row,
             tl.where(valid, (m_i + tl.math.log2(l_safe)) * ln2, -float("inf")),
             mask=row_ok,
         )
         tl.store(ENT + row, tl.where(valid, tl.log(l_safe) - ln2 * u_i / l_safe, 0.0), mask=row_ok)
-        tl.store(MAXP + row, tl.where(valid, 1.0 / l_safe, 0.0), mask=row_ok)
-        tl.store(ARG + row, tl.where(valid, arg_i, -1).to(tl.int64), mask=row_ok)
+        tl.store(MAXP + row, tl.where(has_key, key_max / l_safe, 0.0), mask=row_ok)
+        tl.store(ARG + row, tl.where(has_key, arg_i, -1).to(tl.int64), mask=row_ok)
         if RETURN_OUTPUT:
             out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
             o_ptrs = (
@@ -455,115 +518,48 @@ if triton is not None:
                 mask=row_ok[:, None] & (offs_dv[None, :] < d_v),
             )
 
-        # Second, short walk with the final max: sinks, spans, recent window.
+        # Second, short walk with the final max, inside [lo, hi): sinks, spans, recent window.
         zero = tl.zeros([BLOCK_M], dtype=tl.int32)
         c_sink = _range_sum(
-            q,
-            K_head,
-            0,
-            tl.minimum(sink_size, hi),
-            offs_n_base,
-            offs_d,
-            k_len,
-            stride_kn,
-            stride_kd,
-            d_head,
-            qpos,
-            pad_row,
-            qk_scale,
-            m_safe,
-            zero,
-            zero + sink_size,
-            CAUSAL,
-            HAS_PAD,
-            DOT_PREC,
-            BLOCK_M,
-            BLOCK_N,
-        )
+            q, K_head, lo, tl.minimum(sink_size, hi), offs_n_base, offs_d, k_len, stride_kn,
+            stride_kd, d_head, qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope,
+            m_safe, zero, zero + sink_size, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, DOT_PREC,
+            BLOCK_M, BLOCK_N,
+        )  # fmt: skip
         tl.store(SINK + row, tl.where(valid, c_sink / l_safe, 0.0), mask=row_ok)
         if HAS_OUTSIDE:
             if CAUSAL:
-                # recent = visible keys j >= S with j > pos - W; outside = total - sink - recent
+                # recent = visible keys j >= S with j > pos - W; outside = keys - sink - recent
+                min_pos = tl.min(tl.where(row_ok, qpos, k_len), axis=0)
                 row_lo = tl.maximum(qpos - recent_window + 1, sink_size)
-                lo = tl.maximum(min_pos - recent_window + 1, sink_size)
+                lo_recent = tl.maximum(tl.maximum(min_pos - recent_window + 1, sink_size), lo)
                 c_recent = _range_sum(
-                    q,
-                    K_head,
-                    lo,
-                    hi,
-                    offs_n_base,
-                    offs_d,
-                    k_len,
-                    stride_kn,
-                    stride_kd,
-                    d_head,
-                    qpos,
-                    pad_row,
-                    qk_scale,
-                    m_safe,
-                    row_lo,
-                    zero + k_len,
-                    CAUSAL,
-                    HAS_PAD,
-                    DOT_PREC,
-                    BLOCK_M,
-                    BLOCK_N,
-                )
-                outside = tl.maximum(l_i - c_sink - c_recent, 0.0)
+                    q, K_head, lo_recent, hi, offs_n_base, offs_d, k_len, stride_kn, stride_kd,
+                    d_head, qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope,
+                    m_safe, row_lo, zero + k_len, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, DOT_PREC,
+                    BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+                outside = tl.maximum(keys - c_sink - c_recent, 0.0)
             else:
                 row_hi = qpos - recent_window + 1
-                hi_out = tl.minimum(tl.max(qpos, axis=0) - recent_window + 1, k_len)
+                hi_out = tl.minimum(tl.max(qpos, axis=0) - recent_window + 1, hi)
                 outside = _range_sum(
-                    q,
-                    K_head,
-                    sink_size,
-                    hi_out,
-                    offs_n_base,
-                    offs_d,
-                    k_len,
-                    stride_kn,
-                    stride_kd,
-                    d_head,
-                    qpos,
-                    pad_row,
-                    qk_scale,
-                    m_safe,
-                    zero + sink_size,
-                    row_hi,
-                    CAUSAL,
-                    HAS_PAD,
-                    DOT_PREC,
-                    BLOCK_M,
-                    BLOCK_N,
-                )
+                    q, K_head, tl.maximum(sink_size, lo), hi_out, offs_n_base, offs_d, k_len,
+                    stride_kn, stride_kd, d_head, qpos, first, end, pad_row, qk_scale,
+                    sm_scale, softcap, slope, m_safe, zero + sink_size, row_hi, HAS_PAD,
+                    TRANSFORM, SOFTCAP, ALIBI, DOT_PREC, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
             tl.store(OUTSIDE + row, tl.where(valid, outside / l_safe, 0.0), mask=row_ok)
         span_base = SPANS + b.to(tl.int64) * stride_span_b
         for n in range(0, n_spans):
             start = tl.load(span_base + 2 * n).to(tl.int32)
-            end = tl.load(span_base + 2 * n + 1).to(tl.int32)
+            stop = tl.load(span_base + 2 * n + 1).to(tl.int32)
             c_span = _range_sum(
-                q,
-                K_head,
-                tl.maximum(start, 0),
-                tl.minimum(end, hi),
-                offs_n_base,
-                offs_d,
-                k_len,
-                stride_kn,
-                stride_kd,
-                d_head,
-                qpos,
-                pad_row,
-                qk_scale,
-                m_safe,
-                zero + start,
-                zero + end,
-                CAUSAL,
-                HAS_PAD,
-                DOT_PREC,
-                BLOCK_M,
-                BLOCK_N,
-            )
+                q, K_head, tl.maximum(start, lo), tl.minimum(stop, hi), offs_n_base, offs_d,
+                k_len, stride_kn, stride_kd, d_head, qpos, first, end, pad_row, qk_scale,
+                sm_scale, softcap, slope, m_safe, zero + start, zero + stop, HAS_PAD, TRANSFORM,
+                SOFTCAP, ALIBI, DOT_PREC, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
             tl.store(
                 SPAN_MASS + row * n_spans + n, tl.where(valid, c_span / l_safe, 0.0), mask=row_ok
             )
@@ -587,17 +583,20 @@ def _triton_stats(
 ) -> AttentionStats:
     """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`.
 
-    The host side is a handful of allocations and one launch, no other kernels and no sync: at
-    4K tokens the whole pass takes a few hundred microseconds, so every extra torch op shows.
+    The host side is a handful of allocations and one launch, no other kernels and no sync
+    (the key-block bounds of the default positions are cached): at 4K tokens the whole pass
+    takes a few hundred microseconds, so every extra torch op shows.
     """
     batch, n_heads, q_len, d_head = q.shape
     n_kv, k_len = k.shape[1], k.shape[2]
     dev = q.device
-    n_f32 = 5 if recent_window is not None else 4
-    # lse, entropy, max_prob, sink (, outside): each [batch, n_heads, q_len], one allocation
+    has_outside, has_sinks = recent_window is not None, a.sinks is not None
+    # lse, entropy, max_prob, sink (, outside) (, learned sink): each [batch, n_heads, q_len]
+    n_f32 = 4 + has_outside + has_sinks
     fields = torch.empty(n_f32, batch, n_heads, q_len, dtype=torch.float32, device=dev).unbind(0)
     lse, ent, maxp, sink = fields[:4]
-    outside = fields[4] if recent_window is not None else None
+    outside = fields[4] if has_outside else None
+    learned = fields[-1] if has_sinks else None
     arg = torch.empty(batch, n_heads, q_len, dtype=torch.int64, device=dev)
     n_spans = 0 if a.spans is None else a.spans.shape[1]
     span_mass = (
@@ -611,60 +610,53 @@ def _triton_stats(
         # written in [batch, q_len, n_heads, d_v] memory order, the layout attention modules
         # hand on (their transpose(1, 2).contiguous() is then free)
         out = torch.empty(batch, q_len, n_heads, d_v, dtype=v.dtype, device=dev).transpose(1, 2)
+    result = AttentionStats(lse, ent, maxp, arg, sink, span_mass, outside, out, learned)
     if q_len == 0:
-        return AttentionStats(lse, ent, maxp, arg, sink, span_mass, outside, out)
+        return result
     pad = a.key_padding_mask
     if pad is not None:
         pad = pad.view(torch.int8) if pad.stride(1) == 1 else pad.contiguous().view(torch.int8)
     vv = v if v is not None else k  # unread dummy when no output is requested
     oo = out if out is not None else q  # unwritten dummy
     block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda, return_output)
+    bounds = key_blocks(
+        a.q_positions, q_len, k_len, causal=causal, window=a.window, chunk=a.chunk,
+        chunk_start=a.chunk_start, full_blocks=pad is None, block_m=block_m, block_n=block_n,
+        device=dev,
+    )  # fmt: skip
+    transform = a.softcap is not None or a.alibi_slopes is not None
     grid = (triton.cdiv(q_len, block_m), batch * n_heads)
     _stats_fwd[grid](
-        q,
-        k,
-        vv,
+        q, k, vv,
         lse if a.q_positions is None else a.q_positions,  # unread with default positions
-        pad if pad is not None else lse,  # unread dummy
+        pad if pad is not None else lse,  # unread dummies from here
+        bounds,
+        a.chunk_start if a.chunk_start is not None else lse,
+        a.sinks if has_sinks else lse,
+        a.alibi_slopes if a.alibi_slopes is not None else lse,
         a.spans if n_spans else lse,
-        lse,
-        ent,
-        maxp,
-        arg,
-        sink,
-        outside if outside is not None else lse,
+        lse, ent, maxp, arg, sink,
+        outside if has_outside else lse,
+        learned if has_sinks else lse,
         span_mass if span_mass is not None else lse,
         oo,
-        *q.stride(),
-        *k.stride(),
-        *vv.stride(),
-        *oo.stride(),
+        *q.stride(), *k.stride(), *vv.stride(), *oo.stride(),
         pad.stride(0) if pad is not None else 0,
+        bounds.stride(0) if bounds.shape[0] > 1 else 0,
         a.spans.stride(0) if n_spans and a.spans.shape[0] > 1 else 0,
-        n_heads,
-        n_heads // n_kv,
-        q_len,
-        k_len,
-        n_spans,
-        sink_size,
-        recent_window or 1,
-        a.scale * _LOG2E,
-        d_head=d_head,
-        d_v=d_v,
-        CAUSAL=causal,
-        HAS_PAD=pad is not None,
-        HAS_OUTSIDE=recent_window is not None,
-        RETURN_OUTPUT=return_output,
-        DEFAULT_POS=a.q_positions is None,
-        DOT_PREC=dot_precision(q.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=_next_pow2(d_head),
-        BLOCK_DV=_next_pow2(d_v),
-        num_warps=warps,
-        num_stages=stages,
-    )
-    return AttentionStats(lse, ent, maxp, arg, sink, span_mass, outside, out)
+        n_heads, n_heads // n_kv, q_len, k_len, n_spans, sink_size,
+        recent_window or 1, a.window or 1, a.chunk or 1,
+        1.0 if transform else a.scale * _LOG2E,  # transformed scores come out in base 2
+        a.scale, a.softcap or 1.0,
+        d_head=d_head, d_v=d_v, CAUSAL=causal, HAS_PAD=pad is not None,
+        HAS_WINDOW=a.window is not None, HAS_CHUNK=a.chunk is not None, HAS_SINKS=has_sinks,
+        HAS_OUTSIDE=has_outside, TRANSFORM=transform, SOFTCAP=a.softcap is not None,
+        ALIBI=a.alibi_slopes is not None, RETURN_OUTPUT=return_output,
+        DEFAULT_POS=a.q_positions is None, DOT_PREC=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_next_pow2(d_head), BLOCK_DV=_next_pow2(d_v),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return result
 
 
 def attention_stats(
@@ -679,6 +671,11 @@ def attention_stats(
     spans: SpansLike | None = None,
     q_positions: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    chunk: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     return_output: bool = False,
     backend: str = "auto",
 ) -> AttentionStats:
@@ -688,7 +685,8 @@ def attention_stats(
         q: ``[batch, n_heads, q_len, d_head]``, fp32/fp16/bf16 (fp32 accumulation).
         k: ``[batch, n_kv_heads, k_len, d_head]``; ``n_heads % n_kv_heads == 0`` (GQA: query head
             ``h`` reads kv head ``h // (n_heads // n_kv_heads)``).
-        v: ``[batch, n_kv_heads, k_len, d_v]``; needed only with ``return_output``.
+        v: ``[batch, n_kv_heads, k_len, d_v]`` (``d_v`` may differ from ``d_head``, as in MLA);
+            needed only with ``return_output``.
         causal: mask keys after each query's position.
         scale: score scale, default ``d_head ** -0.5``; must be positive.
         sink_size: S; ``sink_mass`` is the mass on keys ``j < S``.
@@ -698,6 +696,15 @@ def attention_stats(
             ``arange(k_len - q_len, k_len)``. A subset of positions (e.g. the answer tokens)
             scores only those queries against all keys.
         key_padding_mask: bool ``[batch, k_len]``, True for real tokens.
+        window: sliding window, the ``sliding_window`` a Hugging Face model hands its attention
+            function: causal keys ``pos - window < j <= pos``, bidirectional
+            ``|pos - j| < window``. Key blocks outside every row's window are skipped.
+        chunk: chunked attention (Llama 4's ``attention_chunk_size``): keys of the query's chunk
+            only, chunks counted from each row's first real token. Skipped like ``window``.
+        softcap: ``c``: logits ``c · tanh(scale · q·k / c)`` (Gemma 2's ``attn_logit_softcapping``).
+        sinks: ``[n_heads]`` learned sink logits (gpt-oss ``sinks``): one more softmax slot per
+            head without a value; adds ``learned_sink_mass``.
+        alibi_slopes: ``[n_heads]`` ALiBi slopes ``m_h``: logits ``+ m_h · (j - pos)``.
         return_output: also return the attention output (``[batch, n_heads, q_len, d_v]``; with
             the Triton backend a transposed view of a ``[batch, q_len, n_heads, d_v]`` buffer,
             the layout attention modules hand on).
@@ -705,12 +712,14 @@ def attention_stats(
             reference), ``"triton"`` or ``"torch"``.
 
     Returns:
-        `AttentionStats`; definitions, tie and fully-masked-row conventions in
-        `kernels.reference`.
+        `AttentionStats`; definitions (including how the learned sink enters ``lse``, entropy
+        and ``max_prob``), tie and fully-masked-row conventions in `kernels.reference`.
     """
     check_qk(q, k, v)
     if return_output and v is None:
         raise ValueError("return_output=True needs v")
+    variant = dict(window=window, chunk=chunk, softcap=softcap, sinks=sinks,
+                   alibi_slopes=alibi_slopes)  # fmt: skip
     if not _use_triton(backend, q):
         return reference.attention_stats(
             q,
@@ -724,6 +733,7 @@ def attention_stats(
             q_positions=q_positions,
             key_padding_mask=key_padding_mask,
             return_output=return_output,
+            **variant,
         )
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the triton backend takes fp32/fp16/bf16 inputs, got {q.dtype}")
@@ -737,6 +747,7 @@ def attention_stats(
         sink_size=sink_size,
         recent_window=recent_window,
         materialize_positions=False,
+        **variant,
     )
     if not a.scale > 0 or not math.isfinite(a.scale):
         raise ValueError(f"scale must be positive and finite, got {a.scale}")

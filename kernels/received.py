@@ -14,10 +14,13 @@ reduction per query block would cost more than the block's exponentials).
 
 Rows that must not contribute (outside ``query_mask``, or fully masked with ``lse = -inf``) get
 ``lse2 = +inf`` as they are loaded, so their probabilities are exactly 0 without a per-score
-mask; padding keys are zeroed at the store. Under a causal mask, a key block is seen only by
-queries at or after its first key: for the default positions the kernel derives the first query
-block that sees it and the first that sees all of it without masking; for other sorted
-``q_positions`` the host finds them (two ``searchsorted``); unsorted ones mask every block.
+mask; padding keys are zeroed at the store. A key block is seen only by the queries whose key
+interval (causal mask, sliding window, chunk) reaches it: for sorted query positions (the default
+ones included) those rows are contiguous, and the host finds them, together with the rows that
+see the whole block and need no mask (`kernels.blocks.query_blocks`, cached for the default
+positions); every other query block is skipped, so a sliding window costs O(L · W). Unsorted
+positions mask every block. Softcapping and ALiBi turn the products into base-2 logits with the
+same code as the stats kernel; learned sinks need nothing here, as they are already in ``lse``.
 Everything else the host does is one allocation and the launch (no GPU sync unless
 ``q_positions`` arrive as a GPU tensor, whose range is checked there), since at a few
 thousand tokens the whole pass takes a few hundred microseconds.
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from kernels import reference
 from kernels.attention_stats import _next_pow2, _use_triton, dot_precision
+from kernels.blocks import query_blocks
 from kernels.reference import check_args, check_lse_and_query_mask, check_qk
 
 try:
@@ -56,7 +60,7 @@ def block_sizes(d_head: int, on_gpu: bool) -> tuple[int, int, int, int]:
 
 
 if triton is not None:
-    from kernels.attention_stats import _load_rows
+    from kernels.attention_stats import _load_rows, _row_range, _transform
 
     @triton.jit
     def _received_block(
@@ -75,11 +79,22 @@ if triton is not None:
         stride_qm,
         stride_qd,
         qk_scale,
+        sm_scale,
+        softcap,
+        slope,
+        window,
+        chunk,
+        chunk_off,
         d_head: tl.constexpr,
         MASKED: tl.constexpr,
         CAUSAL: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_CHUNK: tl.constexpr,
         HAS_QMASK: tl.constexpr,
         DEFAULT_POS: tl.constexpr,
+        TRANSFORM: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        ALIBI: tl.constexpr,
         DOT_PREC: tl.constexpr,
     ):
         """Add the probabilities of one query block to the [BLOCK_M, BLOCK_N] column tile."""
@@ -98,14 +113,22 @@ if triton is not None:
         if HAS_QMASK:
             keep = tl.load(QMASK_row + offs_m, mask=row_ok, other=0)
             lse2 = tl.where(keep != 0, lse2, float("inf"))
-        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASKED and CAUSAL:
+        if MASKED or ALIBI:
             if DEFAULT_POS:
                 qpos = offs_m + (k_len - q_len)
             else:
                 qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1).to(tl.int32)
-            p = tl.where(offs_n[None, :] <= qpos[:, None], p, 0.0)
+        else:
+            qpos = offs_m  # unread
+        s = tl.dot(q, kT, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
+        if TRANSFORM:  # base-2 logits, qk_scale = 1
+            s = _transform(s, offs_n, qpos, sm_scale, softcap, slope, SOFTCAP, ALIBI)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            first, end = _row_range(qpos, k_len, window, chunk, chunk_off, CAUSAL, HAS_WINDOW,
+                                    HAS_CHUNK)  # fmt: skip
+            p = tl.where((offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < end[:, None]),
+                         p, 0.0)  # fmt: skip
         return acc + p
 
     @triton.jit
@@ -116,8 +139,9 @@ if triton is not None:
         LSE,
         QMASK,
         PAD,
-        Q_LO,
-        Q_UN,
+        BOUNDS,
+        CHUNK_OFF,
+        SLOPES,
         OUT,
         stride_qb,
         stride_qh,
@@ -129,17 +153,26 @@ if triton is not None:
         stride_kd,
         stride_qmask_b,
         stride_pad_b,
+        stride_bounds_b,
         n_heads,
         group,
         q_len,
         k_len,
+        window,
+        chunk,
         qk_scale,
+        sm_scale,
+        softcap,
         d_head: tl.constexpr,
         CAUSAL: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_CHUNK: tl.constexpr,
         HAS_QMASK: tl.constexpr,
         HAS_PAD: tl.constexpr,
         DEFAULT_POS: tl.constexpr,
-        RANGES: tl.constexpr,
+        TRANSFORM: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        ALIBI: tl.constexpr,
         DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -162,61 +195,47 @@ if triton is not None:
         Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         LSE_row = LSE + pid_bh.to(tl.int64) * q_len
         QMASK_row = QMASK + b.to(tl.int64) * stride_qmask_b
+        chunk_off = 0
+        if HAS_CHUNK and HAS_PAD:  # chunks start at the row's first real token
+            chunk_off = tl.load(CHUNK_OFF + b).to(tl.int32)
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(SLOPES + h).to(tl.float32)
 
-        # Query blocks: [lo, un) need the causal mask, [un, n_full) none, the tail needs bounds.
-        n_full = q_len // BLOCK_M
-        if RANGES:  # from the host (sorted q_positions)
-            lo = tl.load(Q_LO + pid_n)
-            un = tl.load(Q_UN + pid_n)
-        elif DEFAULT_POS and CAUSAL:  # query row i sits at key i + k_len - q_len
-            first = pid_n * BLOCK_N - (k_len - q_len)
-            last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, k_len) - 1 - (k_len - q_len)
-            lo = tl.minimum(tl.maximum(first, 0), q_len) // BLOCK_M
-            un = tl.cdiv(tl.minimum(tl.maximum(last, 0), q_len), BLOCK_M)
-        elif CAUSAL:  # unsorted positions: every block masked
-            lo = 0
-            un = tl.cdiv(q_len, BLOCK_M)
-        else:
-            lo = 0
-            un = 0
-        lo_c = tl.minimum(lo, n_full)
-        un = tl.minimum(tl.maximum(un, lo_c), n_full)
+        # Query rows (kernels.blocks): masked [lo, un_lo), unmasked [un_lo, un_hi), masked
+        # [un_hi, hi); the other rows see no key of this block.
+        bounds = BOUNDS + b.to(tl.int64) * stride_bounds_b + pid_n * 4
+        lo = tl.load(bounds)
+        un_lo = tl.load(bounds + 1)
+        un_hi = tl.load(bounds + 2)
+        hi = tl.load(bounds + 3)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for mb in range(lo_c, un):
+        for start_m in range(lo, un_lo, BLOCK_M):
             acc = _received_block(
-                acc, Q_head, LSE_row, QMASK_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n,
-                kT, q_len, k_len, stride_qm, stride_qd, qk_scale, d_head, True, CAUSAL,
-                HAS_QMASK, DEFAULT_POS, DOT_PREC,
+                acc, Q_head, LSE_row, QMASK_row, QPOS, start_m, offs_m_base, offs_d, offs_n, kT,
+                q_len, k_len, stride_qm, stride_qd, qk_scale, sm_scale, softcap, slope, window,
+                chunk, chunk_off, d_head, True, CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_QMASK,
+                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, DOT_PREC,
             )  # fmt: skip
-        for mb in range(un, n_full):
+        for start_m in range(un_lo, un_hi, BLOCK_M):
             acc = _received_block(
-                acc, Q_head, LSE_row, QMASK_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n,
-                kT, q_len, k_len, stride_qm, stride_qd, qk_scale, d_head, False, CAUSAL,
-                HAS_QMASK, DEFAULT_POS, DOT_PREC,
+                acc, Q_head, LSE_row, QMASK_row, QPOS, start_m, offs_m_base, offs_d, offs_n, kT,
+                q_len, k_len, stride_qm, stride_qd, qk_scale, sm_scale, softcap, slope, window,
+                chunk, chunk_off, d_head, False, CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_QMASK,
+                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, DOT_PREC,
             )  # fmt: skip
-        for mb in range(tl.maximum(n_full, lo), tl.cdiv(q_len, BLOCK_M)):
+        for start_m in range(un_hi, hi, BLOCK_M):
             acc = _received_block(
-                acc, Q_head, LSE_row, QMASK_row, QPOS, mb * BLOCK_M, offs_m_base, offs_d, offs_n,
-                kT, q_len, k_len, stride_qm, stride_qd, qk_scale, d_head, True, CAUSAL,
-                HAS_QMASK, DEFAULT_POS, DOT_PREC,
+                acc, Q_head, LSE_row, QMASK_row, QPOS, start_m, offs_m_base, offs_d, offs_n, kT,
+                q_len, k_len, stride_qm, stride_qd, qk_scale, sm_scale, softcap, slope, window,
+                chunk, chunk_off, d_head, True, CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_QMASK,
+                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, DOT_PREC,
             )  # fmt: skip
         out = tl.sum(acc, axis=0)  # [BLOCK_N]
         if HAS_PAD:  # padding keys receive 0
             real = tl.load(PAD + b.to(tl.int64) * stride_pad_b + offs_n, mask=col_ok, other=0)
             out = tl.where(real != 0, out, 0.0)
         tl.store(OUT + pid_bh.to(tl.int64) * k_len + offs_n, out, mask=col_ok)
-
-
-def _query_block_ranges(
-    q_positions: Tensor, k_len: int, block_m: int, block_n: int
-) -> tuple[Tensor, Tensor]:
-    """Per key block, for sorted ``q_positions``: the first query block that sees any of it and
-    the first from which every query sees all of it (int32 [n_key_blocks] each)."""
-    first = torch.arange(0, k_len, block_n, device=q_positions.device)  # [n_kb] first keys
-    last = torch.clamp(first + block_n, max=k_len) - 1
-    lo = torch.searchsorted(q_positions, first) // block_m
-    un = (torch.searchsorted(q_positions, last) + block_m - 1) // block_m
-    return lo.to(torch.int32), un.to(torch.int32)
 
 
 def received_attention(
@@ -228,6 +247,11 @@ def received_attention(
     scale: float | None = None,
     q_positions: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    chunk: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     query_mask: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -237,7 +261,10 @@ def received_attention(
         q, k: as for `kernels.attention_stats` (GQA allowed).
         lse: ``[batch, n_heads, q_len]`` log-sum-exp of each query row, as returned by
             `kernels.attention_stats` with the same q, k and masking arguments.
-        causal, scale, q_positions, key_padding_mask: as for `kernels.attention_stats`.
+        causal, scale, q_positions, key_padding_mask, window, chunk, softcap, alibi_slopes: as
+            for `kernels.attention_stats`.
+        sinks: as for `kernels.attention_stats`, so that one set of keyword arguments serves
+            both calls; only checked here, as ``lse`` already holds the learned sinks.
         query_mask: bool ``[batch, q_len]`` selecting the queries that contribute; None = all.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (as for `kernels.attention_stats`).
 
@@ -247,16 +274,18 @@ def received_attention(
     check_qk(q, k)
     batch, n_heads, q_len, _ = q.shape
     check_lse_and_query_mask(lse, query_mask, batch, n_heads, q_len)
+    variant = dict(window=window, chunk=chunk, softcap=softcap, sinks=sinks,
+                   alibi_slopes=alibi_slopes)  # fmt: skip
     if not _use_triton(backend, q):
         return reference.received_attention(
             q, k, lse, causal=causal, scale=scale, q_positions=q_positions,
-            key_padding_mask=key_padding_mask, query_mask=query_mask,
+            key_padding_mask=key_padding_mask, query_mask=query_mask, **variant,
         )  # fmt: skip
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the triton backend takes fp32/fp16/bf16 inputs, got {q.dtype}")
     a = check_args(
         q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask,
-        materialize_positions=False,
+        materialize_positions=False, **variant,
     )  # fmt: skip
     if not a.scale > 0 or not math.isfinite(a.scale):
         raise ValueError(f"scale must be positive and finite, got {a.scale}")
@@ -275,8 +304,9 @@ def _triton_received(
 ) -> Tensor:
     """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`.
 
-    One allocation and one launch for the default query positions: the natural-log ``lse``,
-    the query mask and the padding mask are read by the kernel as they are.
+    One allocation and one launch for the default query positions (their row bounds are
+    cached): the natural-log ``lse``, the query mask and the padding mask are read by the kernel
+    as they are.
     """
     batch, n_heads, q_len, d_head = q.shape
     n_kv, k_len = k.shape[1], k.shape[2]
@@ -292,19 +322,27 @@ def _triton_received(
     if pad is not None:
         pad = (pad if pad.stride(1) == 1 else pad.contiguous()).view(torch.int8)
     block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda)
-    ranges = causal and a.q_positions is not None and a.sorted_positions
-    q_lo = q_un = out  # unread dummies unless ranges
-    if ranges:
-        q_lo, q_un = _query_block_ranges(a.q_positions, k_len, block_m, block_n)
+    bounds = query_blocks(
+        a.q_positions, a.sorted_positions, q_len, k_len, causal=causal, window=a.window,
+        chunk=a.chunk, chunk_start=a.chunk_start, block_m=block_m, block_n=block_n,
+        device=q.device,
+    )  # fmt: skip
+    transform = a.softcap is not None or a.alibi_slopes is not None
     grid = (triton.cdiv(k_len, block_n), batch * n_heads)
     _received_fwd[grid](
         q, k, out if a.q_positions is None else a.q_positions, lse,
-        out if qmask is None else qmask, out if pad is None else pad, q_lo, q_un, out,
+        out if qmask is None else qmask, out if pad is None else pad, bounds,
+        out if a.chunk_start is None else a.chunk_start,
+        out if a.alibi_slopes is None else a.alibi_slopes, out,
         *q.stride(), *k.stride(),
         0 if qmask is None else qmask.stride(0), 0 if pad is None else pad.stride(0),
-        n_heads, n_heads // n_kv, q_len, k_len, a.scale * _LOG2E,
-        d_head=d_head, CAUSAL=causal, HAS_QMASK=qmask is not None, HAS_PAD=pad is not None,
-        DEFAULT_POS=a.q_positions is None, RANGES=ranges, DOT_PREC=dot_precision(q.dtype),
+        bounds.stride(0) if bounds.shape[0] > 1 else 0,
+        n_heads, n_heads // n_kv, q_len, k_len, a.window or 1, a.chunk or 1,
+        1.0 if transform else a.scale * _LOG2E, a.scale, a.softcap or 1.0,
+        d_head=d_head, CAUSAL=causal, HAS_WINDOW=a.window is not None,
+        HAS_CHUNK=a.chunk is not None, HAS_QMASK=qmask is not None, HAS_PAD=pad is not None,
+        DEFAULT_POS=a.q_positions is None, TRANSFORM=transform, SOFTCAP=a.softcap is not None,
+        ALIBI=a.alibi_slopes is not None, DOT_PREC=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_next_pow2(d_head),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -8,42 +8,79 @@ short "pattern" capture path). Tests hold all three together.
 Notation
 --------
 For batch row ``b``, query head ``h`` and query row ``i`` (absolute key position ``p_i``, see
-``q_positions``), the scores over keys ``j`` are ``s_ij = scale · q_i · k_j`` (fp32), with
-``scale = d_head ** -0.5`` unless given. Query head ``h`` reads key/value head
-``h // (n_heads // n_kv_heads)`` (grouped-query attention, the Hugging Face ``repeat_kv`` rule).
+``q_positions``), the *logits* over keys ``j`` are computed in fp32 (fp64 for fp64 inputs) as
 
-Key ``j`` is *visible* to query ``i`` when ``key_padding_mask[b, j]`` is True (a real token) and,
-for causal attention, ``j <= p_i``. The attention probabilities are the softmax over the visible
-keys, ``P_ij = exp(s_ij - lse_i)`` for visible ``j`` and 0 otherwise.
+1. ``s_ij = scale · q_i · k_j`` with ``scale = d_head ** -0.5`` unless given;
+2. with ``softcap = c``: ``s_ij ← c · tanh(s_ij / c)`` (Gemma 2's order: scale first, then cap);
+3. with ``alibi_slopes = m`` ([n_heads]): ``s_ij ← s_ij + m_h · (j - p_i)``. BLOOM and Falcon add
+   ``m_h · j'`` with ``j'`` the key's index among the row's real tokens; under left or right
+   padding that differs from ``m_h · (j - p_i)`` by a constant per row, so every probability and
+   statistic below agrees and only ``lse`` is shifted (by ``m_h`` times ``p_i`` minus the row's
+   leading padding). Our form keeps the logits near 0 at long context. Falcon's slopes are
+   BLOOM's divided by ``sqrt(d_head)``: pass the slopes as the model adds them to the scaled
+   scores.
+
+Query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)`` (grouped-query attention,
+the Hugging Face ``repeat_kv`` rule). Values may have their own width ``d_v`` (MLA: DeepSeek-V3
+has ``d_head = 192``, ``d_v = 128``).
+
+Key ``j`` is *visible* to query ``i`` when ``key_padding_mask[b, j]`` is True (a real token) and
+``first(p_i) <= j < end(p_i)`` (`key_range`), the intersection of
+
+- causal attention: ``j <= p_i``;
+- a sliding window ``window = W``, the ``sliding_window`` a Hugging Face model hands its attention
+  function: causal ``p_i - W < j <= p_i`` (W keys, the query's own included; transformers'
+  ``sliding_window_overlay``, Mistral, Gemma 2/3, gpt-oss); bidirectional ``|p_i - j| < W``
+  (``2W - 1`` keys; ModernBERT hands its attention function ``W = local_attention // 2 + 1``
+  and masks ``|p_i - j| <= local_attention // 2`` with ``sliding_window_bidirectional_overlay``);
+- chunks of ``chunk = C`` keys (Llama 4): ``⌊(j - o_b) / C⌋ = ⌊(p_i - o_b) / C⌋`` with ``o_b``
+  the number of leading padding keys of row ``b`` (0 without ``key_padding_mask``): chunks start
+  at each row's first real token, as in transformers' ``chunked_overlay``.
+
+*Learned sinks* (gpt-oss's ``sinks``, ``z`` of shape [n_heads]) add one logit per head to the
+softmax denominator that has no key and no value: ``lse_i = log(Σ_visible exp(s_ij) + exp(z_h))``.
+Without them the ``exp(z_h)`` term is absent. The attention probabilities are
+``P_ij = exp(s_ij - lse_i)`` for visible ``j`` and 0 otherwise; with learned sinks they sum to
+``1 - learned_sink_mass``.
 
 Statistics per (batch, head, query) -- ``AttentionStats``
 ---------------------------------------------------------
-- ``lse``: ``log Σ_visible exp(s_ij)`` (natural log).
-- ``entropy``: ``-Σ_j P_ij log P_ij`` in nats. The streamed kernels use the stable running form
+- ``lse``: ``log Σ_visible exp(s_ij)`` (natural log), plus ``exp(z_h)`` inside the log with
+  learned sinks: the log of the softmax's whole denominator, so ``exp(s_ij - lse)`` is the
+  probability the output is computed from.
+- ``entropy``: ``-Σ_j P_ij log P_ij`` in nats, over the whole distribution: with learned sinks
+  the sink slot's ``-P_z log P_z`` is included. The streamed kernels use the stable running form
   ``u = Σ e^{s-m} (s - m)``, ``l = Σ e^{s-m}``, ``H = log l - u / l``, which is the same number.
-- ``max_prob``: ``max_j P_ij``; ``argmax``: the key index where it is reached. Ties go to the
-  smallest key index. Computed from scores where scores exist (kernels, reference), from
-  probabilities in ``stats_from_pattern``; two keys whose probabilities round to the same value
-  may therefore come out in either order between the paths.
+- ``max_prob``: ``max_j P_ij`` over keys (never the learned sink); ``argmax``: the key index where
+  it is reached. Ties go to the smallest key index. Computed from logits where logits exist
+  (kernels, reference), from probabilities in ``stats_from_pattern``; two keys whose
+  probabilities round to the same value may therefore come out in either order between the
+  paths.
 - ``sink_mass``: ``Σ_{j < S} P_ij`` with ``S = sink_size`` (the first S keys, StreamingLLM's
-  "attention sinks").
+  "attention sinks"; not the learned sink).
 - ``span_mass[..., n]``: ``Σ_{start_n <= j < end_n} P_ij`` for each given key span (e.g. the
   needle of a needle-in-a-haystack prompt).
 - ``outside_mass``: ``Σ_{S <= j <= p_i - W} P_ij`` with ``W = recent_window``: the mass on keys
   that are neither sinks nor among the ``W`` most recent keys (the query's own key included). It
   is what a head loses when its cache keeps only sinks plus a recent window, the proxy used to
   tell streaming heads from retrieval heads. For bidirectional attention, keys after ``p_i`` are
-  not counted as outside either.
-- ``output``: ``Σ_j P_ij v_j`` (only on request; in v's dtype).
+  not counted as outside either. Keys a sliding window or a chunk hides have ``P_ij = 0``.
+- ``learned_sink_mass``: ``P_z = exp(z_h - lse_i)``, the probability the learned sink takes
+  (None without ``sinks``).
+- ``output``: ``Σ_j P_ij v_j`` (only on request; in v's dtype; the learned sink adds nothing).
 
 A *fully masked* row (no visible key, e.g. a left-padding query under a causal mask) has
 ``lse = -inf``, ``entropy = 0``, ``max_prob = 0``, ``argmax = -1``, all masses 0 and output 0.
+With learned sinks its whole probability sits on the sink: ``lse = z_h``,
+``learned_sink_mass = 1``, entropy 0, the rest as above.
 
 Statistic per (batch, head, key) -- ``received_attention``
 -----------------------------------------------------------
 ``R_bhj = Σ_{i selected} P_ij``: the column sums of the attention pattern over the queries
 selected by ``query_mask`` (all by default). It needs the final ``lse`` of each row, so it is a
-second pass. Padding keys receive 0.
+second pass; with learned sinks that ``lse`` includes the sink, so
+``Σ_j R_bhj + Σ_{i selected} learned_sink_mass_i`` is the number of selected live rows. Padding
+keys receive 0.
 
 The references below chunk over queries and keys, so their memory is
 O(batch · n_heads · chunk²) on any device; they accumulate in fp32 (fp64 for fp64 inputs).
@@ -52,13 +89,20 @@ O(batch · n_heads · chunk²) on any device; they accumulate in fp32 (fp64 for 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-__all__ = ["AttentionStats", "attention_stats", "received_attention", "stats_from_pattern"]
+__all__ = [
+    "AttentionStats",
+    "attention_stats",
+    "key_range",
+    "received_attention",
+    "stats_from_pattern",
+]
 
 SpansLike = Tensor | Sequence[Sequence[int]]
 
@@ -69,7 +113,8 @@ class AttentionStats:
 
     All tensors are fp32 (fp64 from the reference on fp64 inputs) and shaped
     ``[batch, n_heads, q_len]`` unless said otherwise. ``lse`` and ``output`` are None when
-    computed from a materialised pattern; ``argmax`` is None after a reduction over queries.
+    computed from a materialised pattern; ``argmax`` is None after a reduction over queries;
+    ``learned_sink_mass`` is None for models without learned sink logits.
     """
 
     lse: Tensor | None  # [batch, n_heads, q_len]
@@ -79,7 +124,8 @@ class AttentionStats:
     sink_mass: Tensor  # [batch, n_heads, q_len]
     span_mass: Tensor | None = None  # [batch, n_heads, q_len, n_spans]
     outside_mass: Tensor | None = None  # [batch, n_heads, q_len]
-    output: Tensor | None = None  # [batch, n_heads, q_len, d_head] in v's dtype
+    output: Tensor | None = None  # [batch, n_heads, q_len, d_v] in v's dtype
+    learned_sink_mass: Tensor | None = None  # [batch, n_heads, q_len]
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> AttentionStats:
         """A new AttentionStats with ``fn`` applied to every tensor that is present."""
@@ -120,6 +166,12 @@ class _Args:
     spans: Tensor | None  # [batch or 1, n_spans, 2] int64 on q's device
     default_positions: bool  # q_positions == arange(k_len - q_len, k_len)
     sorted_positions: bool  # q_positions non-decreasing
+    window: int | None = None  # sliding window W (module docstring)
+    chunk: int | None = None  # chunk size C
+    chunk_start: Tensor | None = None  # [batch] int64 leading padding keys o_b; None: all 0
+    softcap: float | None = None
+    sinks: Tensor | None = None  # [n_heads] learned sink logits z_h, q's device
+    alibi_slopes: Tensor | None = None  # [n_heads] m_h, q's device
 
 
 def _shape(t: Tensor) -> str:
@@ -164,16 +216,23 @@ def check_args(
     spans: SpansLike | None = None,
     sink_size: int = 0,
     recent_window: int | None = None,
+    window: int | None = None,
+    chunk: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     materialize_positions: bool = True,
 ) -> _Args:
     """Validate and normalise the keyword arguments shared by all kernels.
 
     Nothing here waits for the GPU unless ``q_positions`` is already a GPU tensor (its range is
     then checked there, one sync): lists and CPU tensors are checked on the CPU and sent with a
-    non-blocking copy; span lists are cached on the device. The Triton paths pass
-    ``materialize_positions=False`` and derive the default positions inside the kernels.
+    non-blocking copy; span lists are cached on the device. ``sinks`` and ``alibi_slopes`` are
+    checked for finite values only when they live on the CPU, for the same reason. The Triton
+    paths pass ``materialize_positions=False`` and derive the default positions inside the
+    kernels.
     """
-    batch, _, q_len, d_head = q.shape
+    batch, n_heads, q_len, d_head = q.shape
     k_len = k.shape[2]
     if scale is None:
         scale = d_head**-0.5
@@ -203,7 +262,54 @@ def check_args(
         key_padding_mask = key_padding_mask.to(q.device)
 
     spans_t = None if spans is None else _spans_on(spans, batch, q.device)
-    return _Args(float(scale), q_positions, key_padding_mask, spans_t, default_positions, is_sorted)
+    window = _positive_int("window", window)
+    chunk = _positive_int("chunk", chunk)
+    chunk_start = None
+    if chunk is not None and key_padding_mask is not None:
+        # transformers' chunked_overlay: chunks start at each row's first real token
+        chunk_start = (key_padding_mask.cumsum(-1) == 0).sum(-1)  # [batch] int64
+    if softcap is not None and (
+        isinstance(softcap, bool)
+        or not isinstance(softcap, numbers.Real)
+        or not math.isfinite(softcap)
+        or softcap <= 0
+    ):
+        raise ValueError(f"softcap must be a finite positive number or None, got {softcap!r}")
+    return _Args(
+        float(scale),
+        q_positions,
+        key_padding_mask,
+        spans_t,
+        default_positions,
+        is_sorted,
+        window=window,
+        chunk=chunk,
+        chunk_start=chunk_start,
+        softcap=None if softcap is None else float(softcap),
+        sinks=_per_head("sinks", sinks, n_heads, q.device),
+        alibi_slopes=_per_head("alibi_slopes", alibi_slopes, n_heads, q.device),
+    )
+
+
+def _positive_int(name: str, value: int | None) -> int | None:
+    """``value`` as an int; ValueError unless it is None or an integer >= 1 (bools refused)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return int(value)
+
+
+def _per_head(name: str, t: Tensor | None, n_heads: int, device: torch.device) -> Tensor | None:
+    """A validated float ``[n_heads]`` tensor on ``device`` (non-blocking copy), or None."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.shape != (n_heads,) or not t.is_floating_point():
+        got = f"{t.dtype} {_shape(t)}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a float tensor [n_heads={n_heads}], got {got}")
+    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got {t.tolist()}")
+    return t.to(device, non_blocking=True)
 
 
 def _check_positions(
@@ -265,16 +371,49 @@ def _spans_on(spans: SpansLike, batch: int, device: torch.device) -> Tensor:
 # The definitions, applied to one block of keys.
 
 
-def _visible(
-    key_idx: Tensor, q_pos: Tensor, *, causal: bool, key_padding_mask: Tensor | None
-) -> Tensor:
-    """Visibility of keys ``key_idx`` [kc] to queries at ``q_pos`` [qc]: [batch or 1, 1, qc, kc]."""
-    vis = torch.ones(1, 1, q_pos.shape[0], key_idx.shape[0], dtype=torch.bool, device=q_pos.device)
+def key_range(
+    q_pos: Tensor,
+    k_len: int,
+    *,
+    causal: bool,
+    window: int | None = None,
+    chunk: int | None = None,
+    chunk_start: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The keys queries at positions ``q_pos`` [n] may see before padding: ``first <= j < end``.
+
+    Causal mask, sliding window and chunks as defined in the module docstring; ``chunk_start``
+    [batch] holds each row's leading padding o_b (None: 0). Returns ``(first, end)``, int64
+    ``[batch or 1, n]`` each (``[batch, n]`` only with ``chunk_start``); ``end <= first`` means no
+    key. Both never decrease as the position grows, which the kernels' loop bounds rely on
+    (`kernels.blocks`).
+    """
+    p = q_pos.long()[None, :]  # [1, n]
+    first = torch.zeros_like(p)
+    end = torch.full_like(p, k_len)
     if causal:
-        vis = vis & (key_idx[None, :] <= q_pos[:, None])
-    if key_padding_mask is not None:
-        vis = vis & key_padding_mask[:, key_idx][:, None, None, :]
-    return vis
+        end = torch.minimum(end, p + 1)
+    if window is not None:
+        first = torch.maximum(first, p - window + 1)
+        if not causal:
+            end = torch.minimum(end, p + window)
+    if chunk is not None:
+        offset = 0 if chunk_start is None else chunk_start.long()[:, None]  # [batch, 1]
+        start = offset + torch.div(p - offset, chunk, rounding_mode="floor") * chunk
+        first = torch.maximum(first, start)
+        end = torch.minimum(end, start + chunk)
+    return first, end
+
+
+def _visible(key_idx: Tensor, q_pos: Tensor, a: _Args, k_len: int, *, causal: bool) -> Tensor:
+    """Visibility of keys ``key_idx`` [kc] to queries at ``q_pos`` [qc]: [batch or 1, 1, qc, kc]."""
+    first, end = key_range(
+        q_pos, k_len, causal=causal, window=a.window, chunk=a.chunk, chunk_start=a.chunk_start
+    )  # [batch or 1, qc] each
+    vis = (key_idx >= first[..., None]) & (key_idx < end[..., None])  # [batch or 1, qc, kc]
+    if a.key_padding_mask is not None:
+        vis = vis & a.key_padding_mask[:, None, key_idx]
+    return vis[:, None]
 
 
 class _Reducer:
@@ -358,6 +497,23 @@ def _scores(q: Tensor, k: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     return s.reshape(batch, n_heads, qc, kc) * scale
 
 
+def _logits(
+    q: Tensor, k: Tensor, a: _Args, key_idx: Tensor, q_pos: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """The logits of q [batch, n_heads, qc, d] against the keys ``key_idx`` [kc] in k
+    [batch, n_kv, kc, d]: scaled scores, softcap, ALiBi (module docstring).
+
+    Returns [batch, n_heads, qc, kc] in ``dtype``.
+    """
+    s = _scores(q, k, a.scale, dtype)
+    if a.softcap is not None:
+        s = torch.tanh(s / a.softcap) * a.softcap
+    if a.alibi_slopes is not None:
+        distance = (key_idx[None, :] - q_pos[:, None]).to(dtype)  # [qc, kc], j - p_i
+        s = s + a.alibi_slopes.to(dtype)[:, None, None] * distance
+    return s
+
+
 def _pv(p: Tensor, v: Tensor) -> Tensor:
     """p [batch, n_heads, qc, kc] @ v [batch, n_kv, kc, dv] -> [batch, n_heads, qc, dv]."""
     batch, n_heads, qc, kc = p.shape
@@ -367,7 +523,8 @@ def _pv(p: Tensor, v: Tensor) -> Tensor:
 
 
 def _lse(q: Tensor, k: Tensor, a: _Args, causal: bool, chunk: int, dtype: torch.dtype) -> Tensor:
-    """Log-sum-exp of the visible scores, [batch, n_heads, q_len], chunked over q and k."""
+    """Log-sum-exp of the visible logits and the learned sink, [batch, n_heads, q_len], chunked
+    over q and k."""
     batch, n_heads, q_len, _ = q.shape
     k_len = k.shape[2]
     lse = torch.full((batch, n_heads, q_len), -math.inf, dtype=dtype, device=q.device)
@@ -375,13 +532,21 @@ def _lse(q: Tensor, k: Tensor, a: _Args, causal: bool, chunk: int, dtype: torch.
         q_pos = a.q_positions[q0 : q0 + chunk]
         for k0 in range(0, k_len, chunk):
             key_idx = torch.arange(k0, min(k0 + chunk, k_len), device=q.device)
-            s = _scores(q[:, :, q0 : q0 + chunk], k[:, :, k0 : k0 + chunk], a.scale, dtype)
-            vis = _visible(key_idx, q_pos, causal=causal, key_padding_mask=a.key_padding_mask)
-            s = s.masked_fill(~vis, -math.inf)
+            s = _logits(q[:, :, q0 : q0 + chunk], k[:, :, k0 : k0 + chunk], a, key_idx, q_pos,
+                        dtype)  # fmt: skip
+            s = s.masked_fill(~_visible(key_idx, q_pos, a, k_len, causal=causal), -math.inf)
             lse[:, :, q0 : q0 + chunk] = torch.logaddexp(
                 lse[:, :, q0 : q0 + chunk], torch.logsumexp(s, dim=-1)
             )
+    if a.sinks is not None:
+        lse = torch.logaddexp(lse, a.sinks.to(dtype)[None, :, None])
     return lse
+
+
+def _learned_sink(entropy: Tensor, sink_prob: Tensor) -> tuple[Tensor, Tensor]:
+    """The entropy with the learned sink's ``-P_z log P_z`` added, and ``P_z`` itself."""
+    term = torch.where(sink_prob > 0, sink_prob * torch.log(sink_prob), 0.0)
+    return entropy - term, sink_prob
 
 
 def attention_stats(
@@ -396,13 +561,19 @@ def attention_stats(
     spans: SpansLike | None = None,
     q_positions: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    chunk: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     return_output: bool = False,
     chunk_size: int = 512,
 ) -> AttentionStats:
     """Reference for `kernels.attention_stats` (same arguments; see that function).
 
     Two passes over key chunks: the log-sum-exp, then the probabilities with the final lse
-    folded into the statistics. Memory O(batch · n_heads · chunk_size²).
+    folded into the statistics. Every key chunk is visited (the kernels skip the ones a window
+    or chunk hides). Memory O(batch · n_heads · chunk_size²).
     """
     check_qk(q, k, v)
     if return_output and v is None:
@@ -416,6 +587,11 @@ def attention_stats(
         spans=spans,
         sink_size=sink_size,
         recent_window=recent_window,
+        window=window,
+        chunk=chunk,
+        softcap=softcap,
+        sinks=sinks,
+        alibi_slopes=alibi_slopes,
     )
     dtype = _acc_dtype(q)
     batch, n_heads, q_len, _ = q.shape
@@ -445,8 +621,8 @@ def attention_stats(
             )
         for k0 in range(0, k_len, chunk_size):
             key_idx = torch.arange(k0, min(k0 + chunk_size, k_len), device=q.device)
-            s = _scores(q_blk, k[:, :, k0 : k0 + chunk_size], a.scale, dtype)
-            vis = _visible(key_idx, q_pos, causal=causal, key_padding_mask=a.key_padding_mask)
+            s = _logits(q_blk, k[:, :, k0 : k0 + chunk_size], a, key_idx, q_pos, dtype)
+            vis = _visible(key_idx, q_pos, a, k_len, causal=causal)
             s = s.masked_fill(~vis, -math.inf)  # [batch, n_heads, qc, kc]
             p = torch.where(vis, torch.exp(s - lse_blk), 0.0)
             red.update(p, key_idx, criterion=s)
@@ -461,15 +637,19 @@ def attention_stats(
             return None
         return torch.cat([p[name] for p in parts], dim=2)
 
+    entropy, learned = cat("entropy"), None
+    if a.sinks is not None:
+        entropy, learned = _learned_sink(entropy, torch.exp(a.sinks.to(dtype)[:, None] - lse))
     return AttentionStats(
         lse=lse,
-        entropy=cat("entropy"),
+        entropy=entropy,
         max_prob=cat("max_prob"),
         argmax=cat("argmax"),
         sink_mass=cat("sink_mass"),
         span_mass=cat("span_mass"),
         outside_mass=cat("outside_mass"),
         output=torch.cat(outputs, dim=2).to(v.dtype) if return_output else None,
+        learned_sink_mass=learned,
     )
 
 
@@ -494,6 +674,7 @@ def _empty_stats(
         output=q.new_zeros((batch, n_heads, q_len, v.shape[-1]), dtype=v.dtype)
         if return_output
         else None,
+        learned_sink_mass=None if a.sinks is None else z.clone(),
     )
 
 
@@ -506,13 +687,22 @@ def received_attention(
     scale: float | None = None,
     q_positions: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    chunk: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
     query_mask: Tensor | None = None,
     chunk_size: int = 512,
 ) -> Tensor:
     """Reference for `kernels.received_attention`: column sums ``Σ_i P_ij`` over selected
-    queries, [batch, n_heads, k_len] fp32 (fp64 for fp64 inputs)."""
+    queries, [batch, n_heads, k_len] fp32 (fp64 for fp64 inputs). ``sinks`` is only checked:
+    ``lse`` already holds the learned sinks."""
     check_qk(q, k)
-    a = check_args(q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask)
+    a = check_args(
+        q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask,
+        window=window, chunk=chunk, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+    )  # fmt: skip
     batch, n_heads, q_len, _ = q.shape
     k_len = k.shape[2]
     check_lse_and_query_mask(lse, query_mask, batch, n_heads, q_len)
@@ -525,10 +715,9 @@ def received_attention(
         key_idx = torch.arange(k0, min(k0 + chunk_size, k_len), device=q.device)
         for q0 in range(0, q_len, chunk_size):
             q_pos = a.q_positions[q0 : q0 + chunk_size]
-            s = _scores(
-                q[:, :, q0 : q0 + chunk_size], k[:, :, k0 : k0 + chunk_size], a.scale, dtype
-            )
-            vis = _visible(key_idx, q_pos, causal=causal, key_padding_mask=a.key_padding_mask)
+            s = _logits(q[:, :, q0 : q0 + chunk_size], k[:, :, k0 : k0 + chunk_size], a, key_idx,
+                        q_pos, dtype)  # fmt: skip
+            vis = _visible(key_idx, q_pos, a, k_len, causal=causal)
             lse_blk = lse[:, :, q0 : q0 + chunk_size, None]
             vis = vis & torch.isfinite(lse_blk)  # unselected (+inf) and fully masked (-inf) rows
             p = torch.where(vis, torch.exp(s - lse_blk), 0.0)  # [batch, n_heads, qc, kc]
@@ -562,17 +751,25 @@ def stats_from_pattern(
     q_positions: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    window: int | None = None,
+    chunk: int | None = None,
+    learned_sinks: bool = False,
     chunk_size: int = 4096,
 ) -> AttentionStats:
     """The statistics of a materialised probability pattern [batch, n_heads, q_len, k_len].
 
     Same definitions as `attention_stats` (module docstring); ``lse`` and ``output`` are None.
     Entries at keys that are not visible are ignored: padding keys (``key_padding_mask``
-    False) and, with ``causal=True``, keys after the query's position. Without ``causal`` the
-    pattern's own zeros do the causal masking -- but eager attention spreads a fully masked row
-    (a left-padding query) uniformly over all keys, so pass ``causal=True`` for causal models
-    with padding. A row with no positive visible entry counts as fully masked. The argmax is
-    taken over probabilities (ties: smallest key index).
+    False) and, with ``causal=True``, ``window`` or ``chunk``, keys the mask hides. Without them
+    the pattern's own zeros do the masking -- but eager attention spreads a fully masked row
+    (a left-padding query) uniformly over all keys, so pass the model's ``causal``, ``window``
+    and ``chunk`` for models with padding. A row with no positive visible entry counts as fully
+    masked. The argmax is taken over probabilities (ties: smallest key index).
+
+    ``learned_sinks=True``: the pattern comes from a model with learned sink logits (gpt-oss),
+    whose eager attention drops the sink's column, so each row's missing mass
+    ``1 - Σ_visible P_ij`` (clamped to [0, 1]) is ``learned_sink_mass``, and its
+    ``-P_z log P_z`` joins the entropy, as in `attention_stats` with ``sinks``.
     """
     if pattern.ndim != 4:
         raise ValueError(
@@ -590,8 +787,11 @@ def stats_from_pattern(
         spans=spans,
         sink_size=sink_size,
         recent_window=recent_window,
+        window=window,
+        chunk=chunk,
     )
     dtype = _acc_dtype(pattern)
+    kept = torch.zeros(batch, n_heads, q_len, dtype=dtype, device=pattern.device)
     red = _Reducer(
         (batch, n_heads, q_len),
         a.q_positions,
@@ -603,6 +803,12 @@ def stats_from_pattern(
     for k0 in range(0, k_len, chunk_size):
         key_idx = torch.arange(k0, min(k0 + chunk_size, k_len), device=pattern.device)
         p = pattern[..., k0 : k0 + chunk_size].to(dtype)
-        vis = _visible(key_idx, a.q_positions, causal=causal, key_padding_mask=a.key_padding_mask)
-        red.update(p * vis, key_idx)
-    return AttentionStats(lse=None, **red.finish())
+        p = p * _visible(key_idx, a.q_positions, a, k_len, causal=causal)
+        red.update(p, key_idx)
+        kept += p.sum(-1)
+    stats = red.finish()
+    if learned_sinks:
+        stats["entropy"], stats["learned_sink_mass"] = _learned_sink(
+            stats["entropy"], (1 - kept).clamp(0, 1)
+        )
+    return AttentionStats(lse=None, **stats)
