@@ -13,8 +13,8 @@ A module may import from its own layer or a lower one, and only at module level:
 inside a function or under ``TYPE_CHECKING`` hides an edge from readers and from this test. A
 command's handler, named ``"package.module:function"`` so that the CLI imports it only when the
 command runs, counts as an import by the module that names it.
-Run ``python tests/test_layers.py`` to print the package-level import graph that
-docs/architecture.md shows.
+``python tests/test_layers.py --write`` refreshes the import graph that docs/architecture.md
+shows (a test fails while it is stale).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from workbench.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("kernels", "workbench", "probes", "interventions", "app", "benchmarks")
@@ -208,10 +210,42 @@ def package_graph(edges: list[Edge]) -> list[tuple[str, str]]:
     return sorted({(unit(e.source), unit(e.target)) for e in edges})
 
 
+MARKERS = ("<!-- import-graph:start -->", "<!-- import-graph:end -->")
+ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
+
+
+# Imported from everywhere; drawn, they would hide the structure.
+UTILITIES = ("workbench.errors", "workbench.atomic", "workbench.lazy", "workbench.arguments")
+
+
+def mermaid(edges: list[Edge]) -> str:
+    """The unit graph of :func:`package_graph` as a mermaid flowchart (arrows point down),
+    without the edges into :data:`UTILITIES`."""
+    lines = ["```mermaid", "flowchart BT"]
+    for source, target in package_graph(edges):
+        if source != target and target not in UTILITIES:
+            lines.append(f"    {source.replace('.', '_')}[{source}] --> {target.replace('.', '_')}")
+    return "\n".join([*lines, "```"])
+
+
+def with_graph(document: str, graph: str) -> str:
+    start, end = MARKERS
+    head, _, rest = document.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{graph}\n{end}{tail}"
+
+
+def test_architecture_doc_shows_the_current_graph():
+    document = ARCHITECTURE_DOC.read_text(encoding="utf-8")
+    assert document == with_graph(document, mermaid(import_edges(ROOT))), (
+        "docs/architecture.md's import graph is stale: run python tests/test_layers.py --write"
+    )
+
+
 if __name__ == "__main__":
-    pairs = [(a, b) for a, b in package_graph(import_edges(ROOT)) if a != b]
-    print("```mermaid\nflowchart BT")
-    for source, target in pairs:
-        print(f"    {source.replace('.', '_')}[{source}] --> {target.replace('.', '_')}[{target}]")
-    print("```")
-    sys.exit(0)
+    graph = mermaid(import_edges(ROOT))
+    if sys.argv[1:] == ["--write"]:
+        document = ARCHITECTURE_DOC.read_text(encoding="utf-8")
+        atomic_write_text(ARCHITECTURE_DOC, with_graph(document, graph))
+    else:
+        print(graph)

@@ -112,3 +112,15 @@ def test_probe_options_are_parsed():
     }
     with pytest.raises(SystemExit):
         build_parser().parse_args(["scan", "m", "--option", "novalue"])
+
+
+def test_export_format_choices_are_the_exporters():
+    """The parser stays light (it cannot import workbench.export), so its --format choices are
+    written out; they must be exactly the formats the exporter writes."""
+    from workbench.cli import build_parser
+    from workbench.export import FORMATS
+
+    parser = build_parser()
+    export = parser._subparsers._group_actions[0].choices["export"]
+    (fmt,) = [a for a in export._actions if a.dest == "format"]
+    assert tuple(fmt.choices) == FORMATS
