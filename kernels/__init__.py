@@ -2,7 +2,10 @@
 
 `attention_stats` gives per-query statistics of every head in one streamed pass,
 `received_attention` the per-key column sums (a second pass), `stats_from_pattern` the same
-statistics from a materialised pattern. The definitions are in `kernels.reference`.
+statistics from a materialised pattern. All three cover causal and bidirectional attention,
+key padding, grouped-query heads, sliding windows, chunks, logit softcapping, learned sink
+logits, ALiBi and values of their own width. The definitions are in `kernels.reference`; the
+blocks the kernels visit (and skip) are computed in `kernels.blocks`.
 """
 
 from kernels import reference

@@ -16,14 +16,29 @@ one, stats+recv two, stats+out two), the peak memory allocated beyond q/k/v, and
 largest absolute error of any statistic against the fp32 torch reference on the same inputs.
 
 It writes ``benchmarks/results/<device>.json`` and the tables between the markers in
-``docs/benchmarks.md``. ``--check`` runs GPU correctness checks only; ``--sweep`` times block
-configurations.
+``docs/benchmarks.md``.
+
+Attention variants (``--variants`` runs only these; ``--variant-lengths`` overrides their
+lengths): H=32, 8 KV heads, d=128, causal, bf16, rows ``stats``, ``stats+out`` and ``flex`` --
+FlexAttention (``torch.compile``'d ``flex_attention``, ``create_block_mask(..., _compile=True)``)
+with the same mask and score_mod -- for a sliding window of 4096 keys at L = 8K/16K/32K/128K,
+softcap 30 and learned sinks at 8K/16K/32K. Where flex attention is missing (older torch) its
+rows record the error and the rest still runs. TFLOP/s count only the (query, key) pairs the
+mask keeps. At each variant's shortest length the rows carry the errors against the fp32
+reference and the largest difference between flex's output and ours. They go to
+``benchmarks/results/<device>-variants.json`` and their own marker block in the docs.
+
+``--check`` runs GPU correctness checks only (the variants included: window, bidirectional
+window, chunks, softcap, learned sinks, d_v != d_qk, ALiBi); without a GPU it is a dry run
+whose two sides are both the torch reference, which exercises the cases' plumbing. ``--sweep``
+times block configurations.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import json
 import math
@@ -231,26 +246,241 @@ def bench_shape(n_kv: int, d: int, lengths: tuple[int, ...], log) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Attention variants next to FlexAttention.
+
+VARIANT_SHAPE = (8, 128)  # (n_kv_heads, d_head) of the variant rows, with 32 query heads
+VARIANTS: dict[str, tuple[dict, tuple[int, ...]]] = {  # name -> (kernel keywords, lengths)
+    "window 4096": (dict(window=4096), (8192, 16384, 32768, 131072)),
+    "softcap 30": (dict(softcap=30.0), (8192, 16384, 32768)),
+    "learned sinks": (dict(sinks=True), (8192, 16384, 32768)),  # drawn per head
+}
+VARIANT_METHODS = ("stats", "stats+out", "flex")
+VARIANT_MARK_START = "<!-- bench-variants:start -->"
+VARIANT_MARK_END = "<!-- bench-variants:end -->"
+
+
+def _variant_kwargs(spec: dict) -> dict:
+    """The kernel keyword arguments of a variant; ``sinks=True`` becomes per-head logits."""
+    kw = dict(spec)
+    if kw.get("sinks"):
+        g = torch.Generator(device="cuda").manual_seed(2)
+        kw["sinks"] = 2 * torch.randn(N_HEADS, device="cuda", generator=g)
+    return kw
+
+
+def _visible_pairs(length: int, window: int | None) -> int:
+    """(query, key) pairs of a causal pass: ``L(L+1)/2``, or ``Σ_p min(p + 1, W)`` in a window."""
+    if window is None or window >= length:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * window
+
+
+@functools.cache
+def _flex_functions() -> tuple[Callable, Callable]:
+    """(compiled flex_attention, create_block_mask); ImportError where flex attention is missing."""
+    # imported lazily: flex attention exists from torch 2.5 on and compiles through inductor
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # one compilation per length and variant: more than dynamo's default cache holds
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+def _flex(q, k, v, kw: dict) -> Callable[[], torch.Tensor]:
+    """FlexAttention's causal forward with the variant's mask and score_mod: a window as a
+    block mask (``create_block_mask(..., _compile=True)``, so whole blocks are skipped), softcap
+    as a score_mod, learned sinks the way transformers' flex integration adds them (the output
+    rescaled by ``exp(lse - logaddexp(lse, sink))``)."""
+    flex, create_block_mask = _flex_functions()
+    window, softcap, sinks = kw.get("window"), kw.get("softcap"), kw.get("sinks")
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = kv_idx <= q_idx
+        if window is not None:
+            visible = visible & (q_idx - kv_idx < window)
+        return visible
+
+    def capped(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    length = q.shape[2]
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length,
+                                   device=q.device, _compile=True)  # fmt: skip
+    options = dict(score_mod=None if softcap is None else capped, block_mask=block_mask,
+                   enable_gqa=True)  # fmt: skip
+
+    def run():
+        if sinks is None:
+            return flex(q, k, v, **options)
+        out, lse = flex(q, k, v, return_lse=True, **options)  # lse [1, H, L], natural log
+        keep = torch.exp(lse - torch.logaddexp(lse, sinks[None, :, None]))
+        return out * keep[..., None].to(out.dtype)
+
+    return run
+
+
+def _variant_error(q, k, v, kw: dict, spans) -> dict[str, float]:
+    """Largest absolute error of each statistic and of the output against the fp32 reference,
+    and the largest difference between FlexAttention's output and ours."""
+    got = attention_stats(q, k, v, spans=spans, return_output=True, **STATS_KW, **kw)
+    want = reference.attention_stats(q.float(), k.float(), v.float(), spans=spans,
+                                     return_output=True, **STATS_KW, **kw)  # fmt: skip
+    err = {
+        name: (getattr(got, name).float() - getattr(want, name).float()).abs().max().item()
+        for name in (*FIELDS, "output", "learned_sink_mass")
+        if getattr(want, name) is not None
+    }
+    err["argmax_agree"] = (got.argmax == want.argmax).float().mean().item()
+    try:
+        flex_out = _flex(q, k, v, kw)()
+        err["flex_vs_ours"] = (flex_out.float() - got.output.float()).abs().max().item()
+    except Exception:  # no flex attention here: the timing rows say why
+        pass
+    return err
+
+
+def _variant_methods(q, k, v, kw: dict, spans) -> dict[str, Callable[[], tuple[Callable, int]]]:
+    """method -> builder of (call, number of QKᵀ or PV products it does)."""
+
+    def stats():
+        return attention_stats(q, k, spans=spans, **STATS_KW, **kw)
+
+    def with_output():
+        return attention_stats(q, k, v, spans=spans, return_output=True, **STATS_KW, **kw)
+
+    return {
+        "stats": lambda: (stats, 1),
+        "stats+out": lambda: (with_output, 2),
+        "flex": lambda: (_flex(q, k, v, kw), 2),
+    }
+
+
+def bench_variant(name: str, lengths: tuple[int, ...], log) -> list[dict]:
+    """Rows of one of `VARIANTS`: its lengths (``lengths`` if given) x `VARIANT_METHODS`, the
+    error columns at the shortest length."""
+    n_kv, d = VARIANT_SHAPE
+    spec, own_lengths = VARIANTS[name]
+    rows: list[dict] = []
+    for length in lengths or own_lengths:
+        q, k, v = _inputs(length, n_kv, d)
+        kw, spans = _variant_kwargs(spec), _spans(length)
+        product = 2 * N_HEADS * _visible_pairs(length, kw.get("window")) * d
+        builders = _variant_methods(q, k, v, kw, spans)
+        found = []
+        for method in VARIANT_METHODS:
+            row = dict(variant=name, n_heads=N_HEADS, n_kv_heads=n_kv, d_head=d,
+                       length=length, method=method)  # fmt: skip
+            try:
+                fn, products = builders[method]()
+                row["peak_extra_gib"] = _peak_extra(fn)
+                row["ms"] = _time(fn)
+                row["tflops"] = products * product / row["ms"] / 1e9
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except Exception as e:  # e.g. no flex attention in this torch; recorded
+                first = str(e).splitlines()[0][:160] if str(e) else ""
+                row["error"] = f"{type(e).__name__}: {first}"
+            fn = None  # drop the closure's tensors before the next method
+            torch.cuda.empty_cache()
+            found.append(row)
+        flex_ms = found[-1].get("ms")
+        for row in found:
+            if flex_ms and "ms" in row:
+                row["ratio_to_flex"] = row["ms"] / flex_ms
+            log(row)
+        if length == min(lengths or own_lengths):
+            err = _variant_error(q, k, v, kw, spans)
+            for row in found:
+                row["max_error"] = err
+        rows += found
+    return rows
+
+
+def _variant_table(rows: list[dict]) -> str:
+    n_kv, d = VARIANT_SHAPE
+    lines = [
+        f"**Attention variants, H={N_HEADS}, KV heads={n_kv}, d={d}, causal** (ms, ×flex)",
+        "",
+        "| variant | L | " + " | ".join(VARIANT_METHODS)
+        + " | stats+out TFLOP/s | peak extra (stats+out) | max err | flex vs ours |",
+        "|" + "---|" * (len(VARIANT_METHODS) + 6),
+    ]  # fmt: skip
+    by = {(r["variant"], r["length"], r["method"]): r for r in rows}
+    for name in VARIANTS:
+        for length in sorted({r["length"] for r in rows if r["variant"] == name}):
+            cells = []
+            for method in VARIANT_METHODS:
+                r = by.get((name, length, method), {})
+                if "ms" not in r:
+                    cells.append("OOM" if r.get("error") == "out of memory" else "n/a")
+                elif method == "flex" or "ratio_to_flex" not in r:
+                    cells.append(f"{r['ms']:.3f}")
+                else:
+                    cells.append(f"{r['ms']:.3f} ({r['ratio_to_flex']:.2f}×)")
+            out = by.get((name, length, "stats+out"), {})
+            err = dict(out.get("max_error", {}))
+            flex_diff = err.pop("flex_vs_ours", None)
+            err.pop("argmax_agree", None)
+            worst = f"{max(err.values()):.1e}" if err else "–"
+            flex_diff = "–" if flex_diff is None else f"{flex_diff:.1e}"
+            lines.append(
+                f"| {name} | {_length_label(length)} | " + " | ".join(cells)
+                + f" | {out.get('tflops', 0):.0f}"
+                + f" | {out.get('peak_extra_gib', float('nan')):.2f} GiB | {worst} | {flex_diff} |"
+            )  # fmt: skip
+    return "\n".join(lines)
+
+
+def _check_variant(case: dict, n_heads: int, device: str, g: torch.Generator) -> dict:
+    """The attention-variant keyword arguments of a check case (learned sinks and ALiBi slopes
+    drawn per head)."""
+    kw = dict(case.get("variant", {}))
+    if case.get("sinks"):
+        kw["sinks"] = 2 * torch.randn(n_heads, device=device, generator=g)
+    if case.get("alibi"):
+        kw["alibi_slopes"] = 0.1 * torch.rand(n_heads, device=device, generator=g)
+    return kw
+
+
+# each case compiles its own kernel variants (~10 s apiece), so they are few
+CHECK_CASES = [
+    dict(dtype=torch.float32, causal=True, n_kv=2, length=1000, d=128, tol=1e-4),
+    dict(dtype=torch.float32, causal=False, n_kv=4, length=333, d=80, tol=1e-4),
+    dict(dtype=torch.bfloat16, causal=True, n_kv=1, length=2047, d=128, tol=2e-2),
+    dict(dtype=torch.float16, causal=True, n_kv=4, length=1, d=64, tol=1e-2),
+    dict(dtype=torch.bfloat16, causal=True, n_kv=2, length=3000, d=64, tol=2e-2, subset=300),
+    # attention variants: Mistral-style window, ModernBERT's local layers (W = 64 + 1), Llama 4
+    # chunks, Gemma 2 (d=256, softcap 50, window), gpt-oss (d=64, window 128, learned sinks),
+    # DeepSeek-V3 MLA (d_qk 192, d_v 128), BLOOM-style ALiBi
+    dict(dtype=torch.bfloat16, causal=True, n_kv=2, length=3000, d=128, tol=2e-2,
+         variant=dict(window=512)),
+    dict(dtype=torch.float32, causal=False, n_kv=4, length=1000, d=64, tol=1e-4,
+         variant=dict(window=65)),
+    dict(dtype=torch.bfloat16, causal=True, n_kv=2, length=2500, d=128, tol=2e-2,
+         variant=dict(chunk=1024)),
+    dict(dtype=torch.float16, causal=True, n_kv=2, length=1500, d=256, tol=2e-2,
+         variant=dict(softcap=50.0, window=400)),
+    dict(dtype=torch.bfloat16, causal=True, n_kv=1, length=2000, d=64, tol=2e-2, sinks=True,
+         variant=dict(window=128)),
+    dict(dtype=torch.bfloat16, causal=True, n_kv=1, length=1500, d=192, d_v=128, tol=2e-2),
+    dict(dtype=torch.float32, causal=True, n_kv=4, length=1200, d=64, tol=1e-4, alibi=True),
+]  # fmt: skip
+
+
 def check(device: str = "cuda") -> bool:
     """GPU correctness: Triton kernels against the torch reference on CUDA tensors (on the CPU
     both sides are the reference: a dry run of this function)."""
     ok = True
-    # each case compiles its own kernel variants (~10 s apiece), so they are few
-    cases = [
-        dict(dtype=torch.float32, causal=True, n_kv=2, length=1000, d=128, tol=1e-4),
-        dict(dtype=torch.float32, causal=False, n_kv=4, length=333, d=80, tol=1e-4),
-        dict(dtype=torch.bfloat16, causal=True, n_kv=1, length=2047, d=128, tol=2e-2),
-        dict(dtype=torch.float16, causal=True, n_kv=4, length=1, d=64, tol=1e-2),
-        dict(dtype=torch.bfloat16, causal=True, n_kv=2, length=3000, d=64, tol=2e-2, subset=300),
-    ]
-    for case in cases:
-        d = case["d"]
+    for case in CHECK_CASES:
+        d, d_v = case["d"], case.get("d_v", case["d"])
         g = torch.Generator(device=device).manual_seed(1)
         length = case["length"]
         shape = dict(device=device, generator=g)
         q = torch.randn(2, 4, length, d, **shape).to(case["dtype"])
         k = torch.randn(2, case["n_kv"], length, d, **shape).to(case["dtype"])
-        v = torch.randn(2, case["n_kv"], length, d, **shape).to(case["dtype"])
+        v = torch.randn(2, case["n_kv"], length, d_v, **shape).to(case["dtype"])
         pad = torch.ones(2, length, dtype=torch.bool, device=device)
         pad[0, : length // 5] = False
         spans = [[3, 50], [length // 2, length]]
@@ -259,18 +489,21 @@ def check(device: str = "cuda") -> bool:
             positions = torch.randperm(length, device=device, generator=g)[: case["subset"]]
             positions = positions.sort().values
             q = q[:, :, positions]
+        variant = _check_variant(case, 4, device, g)
         kw = dict(causal=case["causal"], key_padding_mask=pad, spans=spans,
-                  q_positions=positions, **STATS_KW)  # fmt: skip
+                  q_positions=positions, **STATS_KW, **variant)  # fmt: skip
         got = attention_stats(q, k, v, return_output=True, **kw)
         want = reference.attention_stats(q.float(), k.float(), v.float(), return_output=True,
                                          **kw)  # fmt: skip
         qmask = torch.rand(2, q.shape[2], device=device, generator=g) < 0.5
         common = dict(causal=case["causal"], key_padding_mask=pad, query_mask=qmask,
-                      q_positions=positions)  # fmt: skip
+                      q_positions=positions, **variant)  # fmt: skip
         recv = received_attention(q, k, got.lse, **common)
         recv_ref = reference.received_attention(q.float(), k.float(), want.lse, **common)
         errs = {"received": (recv - recv_ref).abs().max().item()}
-        for name in (*FIELDS, "output"):
+        for name in (*FIELDS, "output", "learned_sink_mass"):
+            if getattr(want, name) is None:
+                continue
             x, y = getattr(got, name).float(), getattr(want, name).float()
             fin = torch.isfinite(y)
             bad = not torch.equal(torch.isfinite(x), fin)
@@ -279,10 +512,12 @@ def check(device: str = "cuda") -> bool:
         worst = max(errs.values())
         passed = worst <= case["tol"]
         ok &= passed
-        print(f"check {case['dtype']} causal={case['causal']} L={length} d={d} "
-              f"queries={q.shape[2]} "
-              f"kv={case['n_kv']}: worst={worst:.2e} argmax_agree={agree:.4f} "
-              f"{'ok' if passed else 'FAIL ' + str(errs)}")  # fmt: skip
+        extra = [f"{key}={val}" for key, val in case.get("variant", {}).items()]
+        extra += [name for name in ("sinks", "alibi") if case.get(name)]
+        print(f"check {case['dtype']} causal={case['causal']} L={length} d={d} d_v={d_v} "
+              f"queries={q.shape[2]} kv={case['n_kv']}{''.join(' ' + e for e in extra)}: "
+              f"worst={worst:.2e} argmax_agree={agree:.4f} "
+              f"{'ok' if passed else 'FAIL ' + str(errs)}", flush=True)  # fmt: skip
     return ok
 
 
@@ -410,11 +645,35 @@ def write_docs(result: dict, path: Path) -> None:
     body += ["", "Times in ms (median), ratio to SDPA flash in brackets; * = see note in JSON.", ""]
     for n_kv, d in SHAPES:
         body += [_table(rows, n_kv, d), ""]
-    block = MARK_START + "\n" + "\n".join(body) + MARK_END
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
-    if MARK_START in text:
-        pre, rest = text.split(MARK_START, 1)
-        text = pre + block + rest.split(MARK_END, 1)[1]
+    _replace_block(path, MARK_START, MARK_END, body)
+
+
+def write_variant_docs(result: dict, path: Path) -> None:
+    """Replace the text between the variant markers of ``path`` with the variant table."""
+    body = [
+        f"Device: **{result['device_name']}**; torch {result['torch']}, triton "
+        f"{result['triton']}; {result['date']}.",
+        f"Command: `{result['command']}`",
+        "",
+        "Times in ms (median), ratio to FlexAttention (compiled, same block mask and score_mod)"
+        " in brackets; TFLOP/s count only the (query, key) pairs the mask keeps; errors at each"
+        " variant's shortest length: stats and output against the fp32 reference, and flex's"
+        " output against ours.",
+        "",
+        _variant_table(result["rows"]),
+        "",
+    ]
+    _replace_block(path, VARIANT_MARK_START, VARIANT_MARK_END, body)
+
+
+def _replace_block(path: Path, start: str, end: str, body: list[str]) -> None:
+    """Write ``body`` between the markers ``start`` and ``end`` of ``path`` (appended with its
+    markers where they are missing); the rest of the file is kept."""
+    block = start + "\n" + "\n".join(body) + end
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text:
+        pre, rest = text.split(start, 1)
+        text = pre + block + rest.split(end, 1)[1]
     else:
         text += "\n" + block + "\n"
     atomic_write_text(path, text)
@@ -427,8 +686,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--check", action="store_true", help="correctness checks only")
     parser.add_argument("--sweep", type=int, metavar="L", help="time block configs at length L")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="only the attention-variant rows (window, softcap, learned sinks)",
+    )
+    parser.add_argument("--variant-lengths", type=int, nargs="*",
+                        help="lengths of the variant rows (default: each variant's)")  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
+        if args.check:
+            print("no CUDA GPU: a dry run of the checks, both sides the torch reference",
+                  file=sys.stderr)  # fmt: skip
+            return 0 if check("cpu") else 1
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.check:
@@ -438,16 +708,38 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import triton
 
-    command = "python -m kernels.bench"
-    if tuple(args.lengths) != LENGTHS:
-        command += " --lengths " + " ".join(map(str, args.lengths))
-    result = {
+    about = {
         "device_name": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
-        "command": command,
         "stats_kwargs": {**STATS_KW, "spans": "one 64-key span at L/3"},
+    }
+    if not args.variants:
+        _bench_main(args, about)
+    command = "python -m kernels.bench" + " --variants" * args.variants
+    if args.variant_lengths:
+        command += " --variant-lengths " + " ".join(map(str, args.variant_lengths))
+    result = {**about, "command": command, "rows": []}
+    json_path = args.out / f"{device_slug()}-variants.json"
+    for name in VARIANTS:  # the JSON is rewritten after each variant: a cut-off run keeps some
+        result["rows"] += bench_variant(
+            name, tuple(args.variant_lengths or ()), log=lambda r: print(json.dumps(r), flush=True)
+        )
+        atomic_write_text(json_path, json.dumps(result, indent=1))
+    write_variant_docs(result, args.docs)
+    print(_variant_table(result["rows"]))
+    return 0
+
+
+def _bench_main(args: argparse.Namespace, about: dict) -> None:
+    """The main tables: every shape and length, the targets, the docs block."""
+    command = "python -m kernels.bench"
+    if tuple(args.lengths) != LENGTHS:
+        command += " --lengths " + " ".join(map(str, args.lengths))
+    result = {
+        **about,
+        "command": command,
         "block_sizes": {
             f"d={d}": {
                 "stats": stats_module.block_sizes(d, True),
@@ -471,7 +763,6 @@ def main(argv: list[str] | None = None) -> int:
     for t in result["targets"]:
         met = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
         print(f"target {t['target']}: {t['worst']:.3f} ({t['where']}) {met}")
-    return 0
 
 
 if __name__ == "__main__":

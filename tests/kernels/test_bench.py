@@ -1,7 +1,10 @@
-"""The benchmark's bookkeeping (targets, tables, the docs block) on hand-made result rows; the
-timings themselves need a GPU (`python -m kernels.bench`)."""
+"""The benchmark's bookkeeping (targets, tables, the docs blocks) on hand-made result rows, and
+``--check`` as a CPU dry run; the timings themselves need a GPU (`python -m kernels.bench`)."""
 
 import math
+
+import pytest
+import torch
 
 from kernels import bench
 
@@ -58,3 +61,52 @@ def test_write_docs_replaces_only_its_block(tmp_path):
     assert "| 16K | – | – | OOM |" in text and "2.0e-05" in text
     bench.write_docs(result, doc)  # idempotent
     assert doc.read_text() == text
+
+
+def test_variant_table_and_its_own_docs_block(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# B\n\n{bench.MARK_START}\nmain\n{bench.MARK_END}\n\nother\n")
+
+    def vrow(method, length, ms, **extra):
+        return dict(variant="window 4096", n_heads=32, n_kv_heads=8, d_head=128, length=length,
+                    method=method, ms=ms, tflops=100.0, peak_extra_gib=0.5, **extra)  # fmt: skip
+
+    err = {"entropy": 3e-3, "output": 8e-3, "argmax_agree": 1.0, "flex_vs_ours": 9e-3}
+    rows = [
+        vrow("stats", 8192, 1.0, ratio_to_flex=0.5, max_error=err),
+        vrow("stats+out", 8192, 1.5, ratio_to_flex=0.75, max_error=err),
+        vrow("flex", 8192, 2.0, ratio_to_flex=1.0, max_error=err),
+        dict(variant="window 4096", n_heads=32, n_kv_heads=8, d_head=128, length=131072,
+             method="flex", error="out of memory"),
+    ]  # fmt: skip
+    result = dict(device_name="GPU X", torch="t", triton="tr", date="today", command="cmd",
+                  rows=rows)  # fmt: skip
+    bench.write_variant_docs(result, doc)
+    text = doc.read_text()
+    assert text.startswith(f"# B\n\n{bench.MARK_START}\nmain\n{bench.MARK_END}\n\nother\n")
+    assert "| window 4096 | 8K | 1.000 (0.50×) | 1.500 (0.75×) | 2.000 | 100 | 0.50 GiB |" in text
+    assert "| 8.0e-03 | 9.0e-03 |" in text  # worst error without argmax / flex; flex vs ours
+    assert "| window 4096 | 128K | n/a | n/a | OOM |" in text
+    bench.write_variant_docs(result, doc)  # idempotent, and the main block stays
+    assert doc.read_text() == text
+    bench.write_docs(
+        dict(device_name="G", torch="t", triton="tr", date="d", command="c", rows=[],
+             targets=bench.targets([])),
+        doc,
+    )  # fmt: skip
+    assert bench.VARIANT_MARK_START in doc.read_text() and "main\n" not in doc.read_text()
+
+
+def test_visible_pairs():
+    assert bench._visible_pairs(8, None) == 36 and bench._visible_pairs(8, 100) == 36
+    # window 3: 1 + 2 + 3·6
+    assert bench._visible_pairs(8, 3) == 21
+
+
+def test_check_is_a_cpu_dry_run_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --check runs the real checks")
+    assert bench.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" ok") == len(bench.CHECK_CASES)
+    assert "window=65" in out and "sinks" in out and "d_v=128" in out and "alibi" in out
