@@ -1,7 +1,7 @@
 """The architecture matrix: one tiny random model per transformer family.
 
 Every family is a Hugging Face ``*Config`` small enough to run on two CPU cores in well under a
-second (2-4 layers, hidden 32-64, a few heads, grouped-query attention where the family has it),
+second (2-4 layers, hidden 32, four heads, grouped-query attention where the family has it),
 with its distinctive attention feature switched on and made *small*: sliding windows and chunks
 of 8 tokens, so that a prompt of :data:`SEQ_LEN` tokens is several windows long and every mask
 is exercised. Weights are random and seeded (:func:`build`), and drawn wider than the
@@ -30,7 +30,7 @@ SEED = 0
 SPECIALS = ("<unk>", "<bos>", "<eos>", "<pad>", "<mask>")
 WORDS = tuple(f"w{i}" for i in range(59))
 VOCAB = len(SPECIALS) + len(WORDS)  # 64
-UNK, BOS, EOS, PAD, MASK = range(len(SPECIALS))
+BOS, EOS, PAD, MASK = range(1, len(SPECIALS))  # <unk> is 0
 TOKEN_IDS = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
 
 # Shared by the decoder families: a Llama-sized block scaled down.
@@ -60,8 +60,10 @@ class Family:
         features: what the row exercises, for the report (``"softcap 5, window 8 / global"``).
         refuses: the capture paths the workbench cannot offer for this family, each with the
             reason: ``"pattern"`` (TransformerLens patterns), ``"streamed"`` (the workbench
-            attention function) or ``"kv_policy"`` (the KV-cache policy simulation). There the
-            tests assert a one-line :class:`~workbench.errors.CaptureError` instead of numbers.
+            attention function, and with it the KV-policy simulation, which swaps in its
+            attention function the same way) or ``"kv_policy"`` (the KV-cache policy
+            simulation alone). There the tests assert a one-line
+            :class:`~workbench.errors.CaptureError` instead of numbers.
         learned_sinks: the attention has learned sink logits (gpt-oss), whose probability the
             eager patterns leave out (rows sum to less than 1).
         head_output: the module, inside a layer, whose input is the heads' outputs side by side

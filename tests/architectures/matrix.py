@@ -151,6 +151,8 @@ def cell(family: Family, column: Column, outcomes: dict[str, Outcome], notes: li
     results = {
         test: outcomes.get(f"{test}[{family.name}]", Outcome("missing")) for test in column.tests
     }
+    if all(o.status == "missing" for o in results.values()):
+        return "not run"  # deselected (e.g. with -k)
     bad = {test: o for test, o in results.items() if o.status != "passed"}
     if bad:
         notes.append(

@@ -71,7 +71,6 @@ IDS = prompt_ids()  # [1, SEQ_LEN]
 PROMPTS = PromptSet("matrix", tuple(prompt_texts(2, seed=1)))
 LOSS = Loss(n=2, length=SEQ_LEN, text=prompt_texts(1, seq_len=4 * SEQ_LEN, seed=2)[0])
 ABLATED = [(0, 1), (1, 2)]  # (layer, head)
-PATHS = ("pattern", "streamed")
 
 parametrize = pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
 
@@ -95,13 +94,11 @@ def eager(name: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     return out.logits, out.attentions
 
 
-def eager_statistics(family: Family, pattern: torch.Tensor, **options: Any) -> AttentionStats:
-    """The statistics of one eager pattern ``[1, head, q_pos, k_pos]`` (``options`` as for
-    :func:`kernels.stats_from_pattern`, default :data:`OPTIONS`). With learned sinks the mass a
-    row lacks is the sink's."""
-    if family.learned_sinks:
-        options = {**(options or OPTIONS), "learned_sinks": True}
-    return stats_from_pattern(pattern.float(), causal=family.causal, **(options or OPTIONS))
+def eager_statistics(family: Family, pattern: torch.Tensor) -> AttentionStats:
+    """The statistics (:data:`OPTIONS`) of one eager pattern ``[1, head, q_pos, k_pos]``; with
+    learned sinks the mass a row lacks is the sink's."""
+    options = {**OPTIONS, "learned_sinks": True} if family.learned_sinks else OPTIONS
+    return stats_from_pattern(pattern.float(), causal=family.causal, **options)
 
 
 def streamed(model: Model) -> tuple[StreamedRecorder, torch.Tensor]:
