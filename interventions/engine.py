@@ -32,7 +32,7 @@ from interventions import ops
 from interventions.specs import Intervention, MeanAblation, PatchPattern, spec_source
 from interventions.streamed import intervening
 from workbench.capture import PATHS, AttentionCall, resolve_path
-from workbench.errors import InterventionError, ShapeError
+from workbench.errors import CaptureError, InterventionError, ShapeError
 from workbench.models import Model
 
 __all__ = ["PATHS", "Intervener", "RunOutput", "intervene"]
@@ -69,6 +69,21 @@ class Intervener:
 
     # -- checks ------------------------------------------------------------------------------
 
+    def _resolve(self, path: str, seq_len: int) -> str:
+        """The capture path (:func:`workbench.capture.resolve_path`), except that models with
+        latent attention take the streamed path: TransformerLens 4.x splits their per-head
+        outputs (``hook_z``) wrongly."""
+        resolved = resolve_path(path, seq_len)
+        if resolved == "pattern" and self.model.latent_attention:
+            if path == "auto":
+                return "streamed"
+            raise CaptureError(
+                f"{self.model.info.architecture} uses multi-head latent attention, whose head "
+                "outputs TransformerLens's bridge splits wrongly; use path='streamed' "
+                "(--path streamed)"
+            )
+        return resolved
+
     def validate(self, specs: Iterable[Intervention]) -> None:
         """Raise `InterventionError` for heads outside the model."""
         info = self.model.info
@@ -91,7 +106,7 @@ class Intervener:
         seq, d]`` and ``k [b, kv_head, seq, d]`` (streamed path)."""
         tokens = self._check_tokens(tokens)
         layers = sorted(set(layers))
-        path = resolve_path(path, tokens.shape[1])
+        path = self._resolve(path, tokens.shape[1])
         out: dict[int, dict[str, Tensor]] = {layer: {} for layer in layers}
         if path == "pattern":
 
@@ -164,7 +179,7 @@ class Intervener:
         """
         tokens = self._check_tokens(tokens)
         batch, seq_len = tokens.shape
-        path = resolve_path(path, seq_len)
+        path = self._resolve(path, seq_len)
         if delta and path != "streamed":
             raise InterventionError("delta recording runs on the streamed path")
         specs = [spec for group in groups for spec in group]

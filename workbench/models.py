@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from workbench.atomic import atomic_dir
-from workbench.errors import ModelLoadError, ModelNotInstalledError, UnknownModelError
+from workbench.errors import (
+    CaptureError,
+    ModelLoadError,
+    ModelNotInstalledError,
+    UnknownModelError,
+)
 from workbench.placement import place, resolve
 
 if TYPE_CHECKING:
@@ -57,6 +62,7 @@ ENCODER_MODEL_TYPES = frozenset(
         "mpnet",
         "xlm-roberta",
         "camembert",
+        "modernbert",
     }
 )
 # Config keys that describe where a model came from rather than what it computes.
@@ -134,6 +140,24 @@ class Model:
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
+    @property
+    def learned_sinks(self) -> bool:
+        """Whether the attention has learned sink logits (gpt-oss ``sinks``): one extra softmax
+        slot per head that takes probability but carries no value."""
+        return any(
+            isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in self.hf.modules()
+        )
+
+    @property
+    def latent_attention(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2/V3): value heads narrower than query/key
+        heads, which TransformerLens 4.x's ``hook_z``/``hook_v`` do not split correctly."""
+        text = self.hf.config.get_text_config()
+        qk = (getattr(text, "qk_nope_head_dim", 0) or 0) + (
+            getattr(text, "qk_rope_head_dim", 0) or 0
+        )
+        return bool(qk) and getattr(text, "v_head_dim", qk) != qk
+
     def bridge(self) -> TransformerBridge:
         """The TransformerLens bridge over a twin of ``self.hf`` (built once; shares the weights).
 
@@ -147,14 +171,24 @@ class Model:
         ``[batch, pos, head, d_head]``, ``blocks.{l}.hook_resid_pre`` is ``[batch, pos, d_model]``.
         """
         if self._bridge is None:
+            # TransformerLens takes seconds to import: only the pattern path needs it
             from transformer_lens.model_bridge import TransformerBridge
 
             tensors = itertools.chain(self.hf.parameters(), self.hf.buffers())
             twin = copy.deepcopy(self.hf, memo={id(t): t for t in tensors})
-            with _quiet_transformers():
-                self._bridge = TransformerBridge.boot_transformers(
-                    self.info.name, hf_model=twin, tokenizer=self.tokenizer
+            try:
+                with _quiet_transformers():
+                    self._bridge = TransformerBridge.boot_transformers(
+                        self.info.name, hf_model=twin, tokenizer=self.tokenizer
+                    )
+            except (ValueError, NotImplementedError, KeyError) as e:
+                reason = (
+                    str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
                 )
+                raise CaptureError(
+                    f"TransformerLens has no bridge for {self.info.architecture} ({reason}); the "
+                    "pattern path cannot run it: use path='streamed'"
+                ) from None
         return self._bridge
 
     def tokenize(self, text: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -498,6 +532,16 @@ def _auto_class(config: Any) -> Any:
     return AutoModelForCausalLM
 
 
+def _kv_heads(text: Any, n_heads: int) -> int:
+    """KV heads per layer, whichever way the config says it (Falcon: ``num_kv_heads`` with its
+    new decoder architecture, ``multi_query`` for one shared KV head)."""
+    if getattr(text, "num_key_value_heads", None):
+        return int(text.num_key_value_heads)
+    if getattr(text, "new_decoder_architecture", True) is False:  # Falcon's older layouts
+        return 1 if getattr(text, "multi_query", False) else n_heads
+    return int(getattr(text, "num_kv_heads", None) or n_heads)
+
+
 def _model_info(config: Any, *, name: str, source: str, revision: str) -> ModelInfo:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n_heads = text.num_attention_heads
@@ -511,8 +555,11 @@ def _model_info(config: Any, *, name: str, source: str, revision: str) -> ModelI
         architecture=(config.architectures or [type(config).__name__])[0],
         n_layers=text.num_hidden_layers,
         n_heads=n_heads,
-        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
-        d_head=getattr(text, "head_dim", None) or d_model // n_heads,
+        n_kv_heads=_kv_heads(text, n_heads),
+        # the width of a head's output (hook_z): MLA's value heads are narrower than its q/k
+        d_head=getattr(text, "v_head_dim", None)
+        or getattr(text, "head_dim", None)
+        or d_model // n_heads,
         d_model=d_model,
         causal=config.model_type not in ENCODER_MODEL_TYPES,
         max_context=int(getattr(text, "max_position_embeddings", 0) or 2048),

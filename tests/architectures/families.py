@@ -61,8 +61,9 @@ class Family:
         refuses: the capture paths the workbench cannot offer for this family, each with the
             reason: ``"pattern"`` (TransformerLens patterns), ``"streamed"`` (the workbench
             attention function, and with it the KV-policy simulation, which swaps in its
-            attention function the same way) or ``"kv_policy"`` (the KV-cache policy
-            simulation alone). There the tests assert a one-line
+            attention function the same way), ``"kv_policy"`` (the KV-cache policy
+            simulation alone) or ``"pattern_output"`` (the heads' outputs on the pattern path,
+            ``hook_z``, which interventions edit). There the tests assert a one-line
             :class:`~workbench.errors.CaptureError` instead of numbers.
         learned_sinks: the attention has learned sink logits (gpt-oss), whose probability the
             eager patterns leave out (rows sum to less than 1).
@@ -260,6 +261,10 @@ FAMILIES: tuple[Family, ...] = (
             "first_k_dense_replace": 1,
         },
         "multi-head latent attention: d_qk 16, d_v 12, MoE",
+        refuses={
+            "pattern_output": "TransformerLens 4.x splits the outputs of latent-attention heads "
+            "(hook_z) with the query/key head size; interventions take the streamed path",
+        },
     ),
     Family(
         "cohere2",

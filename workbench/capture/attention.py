@@ -362,6 +362,12 @@ def use_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
     saved = [(c, c._attn_implementation_internal) for c in _configs(model)]
     model.set_attn_implementation(name)
     try:
+        if model.config._attn_implementation != name:  # transformers only warned
+            raise CaptureError(
+                f"{type(model).__name__} computes attention itself instead of calling "
+                "transformers' AttentionInterface, so the streamed path cannot run it; use the "
+                "pattern path (path='pattern')"
+            )
         yield
     finally:
         for config, implementation in saved:

@@ -123,9 +123,10 @@ def head_statistics(
 
 def _pattern_path(model: Model, token_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     per_layer: list[dict[str, torch.Tensor]] = [{} for _ in range(model.info.n_layers)]
+    learned_sinks = model.learned_sinks  # eager attention drops the sink's column
 
     def record(layer: int, pattern: torch.Tensor) -> None:  # pattern: [head, q_pos, k_pos]
-        stats = stats_from_pattern(pattern[None], sink_size=1)
+        stats = stats_from_pattern(pattern[None], sink_size=1, learned_sinks=learned_sinks)
         reduced = reduce_stats(stats, QueryLayout.from_pattern(pattern))
         per_layer[layer] = {name: value.cpu() for name, value in reduced.items()}
 
