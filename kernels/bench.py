@@ -251,6 +251,7 @@ def bench_shape(n_kv: int, d: int, lengths: tuple[int, ...], log) -> list[dict]:
 
 VARIANT_SHAPE = (8, 128)  # (n_kv_heads, d_head) of the variant rows, with 32 query heads
 VARIANTS: dict[str, tuple[dict, tuple[int, ...]]] = {  # name -> (kernel keywords, lengths)
+    "causal": (dict(), (8192, 16384, 32768)),  # the plain pass the variants are compared with
     "window 4096": (dict(window=4096), (8192, 16384, 32768, 131072)),
     "softcap 30": (dict(softcap=30.0), (8192, 16384, 32768)),
     "learned sinks": (dict(sinks=True), (8192, 16384, 32768)),  # drawn per head
@@ -404,8 +405,9 @@ def _variant_table(rows: list[dict]) -> str:
         f"**Attention variants, H={N_HEADS}, KV heads={n_kv}, d={d}, causal** (ms, ×flex)",
         "",
         "| variant | L | " + " | ".join(VARIANT_METHODS)
-        + " | stats+out TFLOP/s | peak extra (stats+out) | max err | flex vs ours |",
-        "|" + "---|" * (len(VARIANT_METHODS) + 6),
+        + " | stats ×causal stats | stats+out TFLOP/s | peak extra (stats+out) | max err"
+        " | flex vs ours |",
+        "|" + "---|" * (len(VARIANT_METHODS) + 7),
     ]  # fmt: skip
     by = {(r["variant"], r["length"], r["method"]): r for r in rows}
     for name in VARIANTS:
@@ -419,6 +421,9 @@ def _variant_table(rows: list[dict]) -> str:
                     cells.append(f"{r['ms']:.3f}")
                 else:
                     cells.append(f"{r['ms']:.3f} ({r['ratio_to_flex']:.2f}×)")
+            plain = by.get(("causal", length, "stats"), {}).get("ms")
+            own = by.get((name, length, "stats"), {}).get("ms")
+            cells.append("–" if not (plain and own) else f"{own / plain:.2f}×")
             out = by.get((name, length, "stats+out"), {})
             err = dict(out.get("max_error", {}))
             flex_diff = err.pop("flex_vs_ours", None)

@@ -76,6 +76,7 @@ def test_variant_table_and_its_own_docs_block(tmp_path):
         vrow("stats", 8192, 1.0, ratio_to_flex=0.5, max_error=err),
         vrow("stats+out", 8192, 1.5, ratio_to_flex=0.75, max_error=err),
         vrow("flex", 8192, 2.0, ratio_to_flex=1.0, max_error=err),
+        {**vrow("stats", 8192, 4.0), "variant": "causal"},
         dict(variant="window 4096", n_heads=32, n_kv_heads=8, d_head=128, length=131072,
              method="flex", error="out of memory"),
     ]  # fmt: skip
@@ -84,9 +85,12 @@ def test_variant_table_and_its_own_docs_block(tmp_path):
     bench.write_variant_docs(result, doc)
     text = doc.read_text()
     assert text.startswith(f"# B\n\n{bench.MARK_START}\nmain\n{bench.MARK_END}\n\nother\n")
-    assert "| window 4096 | 8K | 1.000 (0.50×) | 1.500 (0.75×) | 2.000 | 100 | 0.50 GiB |" in text
+    assert (
+        "| window 4096 | 8K | 1.000 (0.50×) | 1.500 (0.75×) | 2.000 | 0.25× | 100 | 0.50 GiB |"
+        in text
+    )
     assert "| 8.0e-03 | 9.0e-03 |" in text  # worst error without argmax / flex; flex vs ours
-    assert "| window 4096 | 128K | n/a | n/a | OOM |" in text
+    assert "| window 4096 | 128K | n/a | n/a | OOM | – |" in text
     bench.write_variant_docs(result, doc)  # idempotent, and the main block stays
     assert doc.read_text() == text
     bench.write_docs(
