@@ -152,12 +152,11 @@ class DormantProbe:
         tables, masses = [], []
         for domain in domains:
             s = stats[PREFIX + domain]
-            mass = s["sink_mass"].mean(axis=0)
-            masses.append(mass)
+            masses.append(s["sink_mass"])  # [n_prompts, n_layers, n_heads]
             tables.append(
-                ScoreTable(
+                ScoreTable.from_items(
                     name=f"sink_mass_{domain}",
-                    values=mass,
+                    per_item=s["sink_mass"],
                     definition=f"mean attention on the first token over queries of {domain} "
                     "prompts; dormant on the domain above 0.5 (Guo et al. 2024)",
                     threshold=DORMANT_THRESHOLD,
@@ -168,21 +167,18 @@ class DormantProbe:
             for entropy in ("row_entropy", "column_entropy"):
                 if entropy in s:
                     tables.append(
-                        ScoreTable(
+                        ScoreTable.from_items(
                             name=f"{entropy}_{domain}",
-                            values=s[entropy].mean(axis=0),
+                            per_item=s[entropy],
                             definition=DEFINITIONS[entropy] + f", {domain} prompts",
                         )
                     )
         if len(masses) >= 2:
-            stacked = np.stack(masses)  # [domain, layer, head]
-            margin = np.minimum(
-                stacked.max(0) - DORMANT_THRESHOLD, DORMANT_THRESHOLD - stacked.min(0)
-            )
             tables.append(
-                ScoreTable(
+                ScoreTable.from_items(
                     name="active_dormant",
-                    values=margin,
+                    per_item=masses,
+                    combine=flip_margin,
                     definition="flip margin min(max_d m_d - 0.5, 0.5 - min_d m_d) of the sink "
                     f"mass m_d over domains {', '.join(domains)}; > 0: dormant on one domain, "
                     "active on another (Guo et al. 2024); labelled above 0.1",
@@ -192,6 +188,14 @@ class DormantProbe:
                 )
             )
         return tables
+
+
+def flip_margin(masses: list[np.ndarray]) -> np.ndarray:
+    """``min(max_d m_d - 0.5, 0.5 - min_d m_d)`` of the domains' mean sink masses ``m_d``
+    (each ``[..., n_layers, n_heads]``; the bootstrap passes resampled means with a leading
+    resample axis)."""
+    stacked = np.stack(masses)  # [domain, ..., layer, head]
+    return np.minimum(stacked.max(0) - DORMANT_THRESHOLD, DORMANT_THRESHOLD - stacked.min(0))
 
 
 def domain_table(tables: dict[str, ScoreTable]) -> pd.DataFrame:

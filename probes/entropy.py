@@ -27,9 +27,9 @@ class EntropyProbe:
         return [basic_measurement(ctx)]
 
     def score(self, stats: dict[str, dict[str, np.ndarray]]) -> list[ScoreTable]:
-        table = ScoreTable(
+        table = ScoreTable.from_items(
             name=self.name,
-            values=stats[BASIC]["normalized_entropy"].mean(axis=0),
+            per_item=stats[BASIC]["normalized_entropy"],
             definition="mean row-normalised attention entropy H_i / log(visible keys) over "
             "queries and prompts (Guo et al. 2024); 1 = uniform, 0 = a single key",
         )

@@ -282,9 +282,9 @@ class PositionalProbe:
             coverage = float(s[f"{name}_coverage"].mean())
             threshold = round(LABEL_FRACTION * coverage, 4)
             tables.append(
-                ScoreTable(
+                ScoreTable.from_items(
                     name=name,
-                    values=s[name].mean(axis=0),
+                    per_item=s[name],
                     definition=f"TransformerLens head_detector {name}_head score, error_measure "
                     "'mul': sum(A * P) / sum(A) over the detection pattern P, averaged over "
                     "repeated-random-token sequences",

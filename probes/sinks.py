@@ -22,9 +22,10 @@ and the position of the strongest (its token is in the measurement's ``token_ids
 
 ``value_drain`` -- value-state drain (Guo et al. 2024, "Active-Dormant Attention Heads", repo
 GuoTianYu2000/Active-Dormant-Attention): the sink token's value, as written to the residual
-stream by head h, is small. Per head and token j: ‖v_j W_O^h‖ (v from ``hook_v``, the KV head
-the query head reads; W_O^h ``[d_head, d_model]`` from the bridge). Score: the first token's
-norm divided by the mean over the other tokens, averaged over prompts (< 1 = drain).
+stream by head h, is small. Per head and token j: ‖v_j W_O^h‖ (v the value of the KV head the
+query head reads, W_O^h ``[d_v, d_model]`` head h's rows of the output projection; its bias is
+added once per layer, not per head, and is left out). Score: the first token's norm divided by
+the mean over the other tokens, averaged over prompts (< 1 = drain).
 
 ``residual_peak`` -- residual-state peak (Guo et al. 2024): the residual stream at the sink token
 has a much larger norm than elsewhere. Per layer l: ‖resid_pre_l[0]‖ / mean_{j>0} ‖resid_pre_l[j]‖
@@ -33,14 +34,33 @@ number; the run file keeps it as ``[n_items, n_layers]`` and the score table rep
 heads of a layer (the per-layer values are also in its parameters).
 
 Capture paths. ``sink`` reads the ``basic`` measurement (:mod:`workbench.capture`, both paths).
-The other three share the measurement ``sinks``. Pattern path: one forward per prompt through
-:meth:`workbench.models.Model.bridge` with TransformerLens hooks ``hook_pattern`` (column sums),
-``hook_v`` and ``hook_resid_pre``. Streamed path (long prompts): the column sums are the kernels'
-received attention (:func:`kernels.received_attention`, no L×L), the values come from forward
-hooks on each attention module's ``v_proj`` with W_O^h the h-th column block of ``o_proj.weight``
-(Llama-family modules; other architectures are refused with a pointer to the pattern path), and
-the residual norms from the model's ``hidden_states`` (``hidden_states[l]`` is layer l's input).
-A test holds the two paths together. Options: ``hidden_sink_min_queries`` (int, default 8).
+The other three share the measurement ``sinks``.
+
+* Pattern path: one forward per prompt through :meth:`workbench.models.Model.bridge` with
+  TransformerLens hooks ``hook_pattern`` (column sums), ``hook_v`` (``[batch, pos, kv_head,
+  d_head]``, or ``[batch, head, pos, d_v]`` where TransformerLens marks the hook's ``pos_dim`` as
+  2, as its MLA bridge does) and ``hook_resid_pre``; W_O^h is the bridge's ``W_O`` (read after
+  the forward: TransformerLens learns MLA's value width on the first one).
+* Streamed path (long prompts), on every family whose attention goes through the workbench's
+  attention swap (:mod:`workbench.capture.attention`): the column sums are the kernels' received
+  attention (:func:`kernels.received_attention`, no L×L); the values are exactly what the
+  attention function receives (``AttentionCall.value [batch, n_kv_heads, k_len, d_v]``, handed
+  over by the recorder's ``on_attention``), so fused QKV projections (Phi-3, GPT-2's ``c_attn``,
+  GPT-NeoX's ``query_key_value``, ModernBERT's ``Wqkv``) and MLA's decompressed values need no
+  per-family code. W_O is found by what it does, not by its name: the first ``nn.Linear`` or
+  transformers ``Conv1D`` whose input equals the layer's attention output with the heads
+  concatenated (a forward pre-hook compares them exactly) is the layer's output projection
+  (``o_proj``, ``c_proj``, ``dense``, ``out_proj``, ``Wo``, ...); its weight, split per head, is
+  W_O^h (:func:`head_blocks`: ``nn.Linear`` stores ``[d_model, head·d_v]``, ``Conv1D``
+  ``[head·d_v, d_model]``). The residual norms come from the model's ``hidden_states``
+  (``hidden_states[l]`` is layer l's input). Where the attention does not go through the swap
+  (Falcon), or no linear layer reads its output unchanged (an output gate, a quantised
+  projection), a :class:`~workbench.errors.CaptureError` names the pattern path.
+
+Both paths compute ‖v_j W_O^h‖ as ‖v_j R_hᵀ‖ with W_O^hᵀ = Q_h R_h (QR; Q_h has orthonormal
+columns), so memory stays ``[pos, head, d_v]`` however large d_model is. Tests hold the two paths
+together, on the tiny model and on every family of the architecture matrix that has both.
+Options: ``hidden_sink_min_queries`` (int, default 8).
 """
 
 from __future__ import annotations
@@ -50,10 +70,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from probes.basic import BASIC, as_numpy, basic_measurement
-from workbench.capture import StreamedRecorder, layer_of, resolve_path, run_with_patterns
-from workbench.errors import ShapeError
+from workbench.capture import (
+    AttentionCall,
+    StreamedRecorder,
+    layer_of,
+    resolve_path,
+    run_with_patterns,
+)
+from workbench.errors import CaptureError, ShapeError
 from workbench.models import Model
 from workbench.probe import Measurement, ScanContext
 from workbench.scores import ScoreTable
@@ -107,10 +134,12 @@ def sink_statistics(
         hidden[layer] = _hidden_sinks(received.float().cpu() / seen_by, candidate, token_ids)
 
     if resolve_path(path, n) == "pattern":
-        w_o = model.bridge().W_O.detach().float()  # [layer, head, d_head, d_model]
+        raw_values: list[torch.Tensor] = [torch.empty(0)] * info.n_layers  # [pos, kv_head, d_v]
 
         def on_v(v: torch.Tensor, hook) -> None:  # [batch, pos, kv_head, d_head]
-            values[layer_of(hook)] = _written_norms(v[0], w_o[layer_of(hook)])
+            if getattr(hook, "pos_dim", None) == 2:  # [batch, kv_head, pos, d_v] (TL's MLA)
+                v = v.transpose(1, 2)
+            raw_values[layer_of(hook)] = v[0].detach()
 
         def on_resid(resid: torch.Tensor, hook) -> None:  # [batch, pos, d_model]
             residual[layer_of(hook)] = resid[0].float().norm(dim=-1).cpu()
@@ -120,6 +149,8 @@ def sink_statistics(
         run_with_patterns(
             model, token_ids, lambda layer, pattern: on_received(layer, pattern.sum(1)), extra
         )
+        w_o = model.bridge().W_O.detach()  # [layer, head, d_v, d_model], after the forward
+        values = [_written_norms(v, w_o[layer]) for layer, v in enumerate(raw_values)]
     else:
         values, residual = _streamed_sinks(model, token_ids, on_received)
 
@@ -162,61 +193,121 @@ def _hidden_sinks(
     }
 
 
+def head_blocks(projection: torch.nn.Module, n_heads: int) -> torch.Tensor:
+    """W_O^h of every head, ``[head, d_v, d_model]``, from a layer's output projection: an
+    ``nn.Linear`` (weight ``[d_model, head·d_v]``) or transformers' ``Conv1D`` (GPT-2; weight
+    ``[head·d_v, d_model]``). Input features are the heads' outputs concatenated, head-major."""
+    weight = projection.weight.detach()
+    if not isinstance(projection, Conv1D):
+        weight = weight.T  # [head * d_v, d_model]
+    return weight.reshape(n_heads, -1, weight.shape[-1])
+
+
+def _in_features(projection: torch.nn.Module) -> int | None:
+    """Input width of a plain float ``nn.Linear`` / ``Conv1D`` weight; None for anything else."""
+    weight = projection.weight
+    if weight.ndim != 2 or not weight.is_floating_point():
+        return None
+    return int(weight.shape[0 if isinstance(projection, Conv1D) else 1])
+
+
 def _written_norms(v: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
-    """``||v_j W_O^h||`` as ``[pos, head]`` from ``v [pos, kv_head, d_head]`` and ``w_o [head,
-    d_head, d_model]``; query head h reads KV head h // group (HF ``repeat_kv``)."""
+    """``||v_j W_O^h||`` as ``[pos, head]`` (CPU) from ``v [pos, kv_head, d_v]`` and ``w_o [head,
+    d_v, d_model]``; query head h reads KV head h // group (HF ``repeat_kv``).
+
+    With W_O^hᵀ = Q_h R_h (QR, Q_h ``[d_model, d_v]`` with orthonormal columns, R_h ``[d_v,
+    d_v]``), v W_O^h = (v R_hᵀ) Q_hᵀ has the norm of v R_hᵀ: no ``[pos, head, d_model]`` tensor,
+    and no squared norms to lose precision in."""
     n_heads = w_o.shape[0]
-    v = v.float().repeat_interleave(n_heads // v.shape[1], dim=1)  # [pos, head, d_head]
-    written = torch.einsum("phd,hdm->phm", v, w_o.to(v.device))  # [pos, head, d_model]
-    return written.norm(dim=-1).cpu()
+    r = torch.linalg.qr(w_o.float().transpose(1, 2).to(v.device), mode="r").R  # [head, k, d_v]
+    v = v.float().repeat_interleave(n_heads // v.shape[1], dim=1)  # [pos, head, d_v]
+    return torch.einsum("phd,hkd->phk", v, r).norm(dim=-1).cpu()
 
 
-def attention_modules(model: Model) -> list[torch.nn.Module]:
-    """The HF attention modules with separate ``v_proj`` and ``o_proj`` (Llama family), by
-    layer; the streamed path reads values and W_O there instead of from the bridge."""
-    found = {
-        int(module.layer_idx): module
-        for module in model.hf.modules()
-        if hasattr(module, "v_proj") and hasattr(module, "o_proj") and hasattr(module, "layer_idx")
-    }
-    if sorted(found) != list(range(model.info.n_layers)):
-        raise NotImplementedError(
-            f"the streamed sinks statistics read v_proj/o_proj of each attention module; "
-            f"{model.info.architecture} has none (use path='pattern')"
-        )
-    return [found[layer] for layer in range(model.info.n_layers)]
+class _OutputProjections:
+    """Streamed path: value norms ``||v_j W_O^h||`` per layer, W_O found by what it does.
+
+    ``on_attention`` (a :class:`StreamedRecorder` callback) keeps a layer's values and attention
+    output until a forward pre-hook on the model's ``nn.Linear`` and ``Conv1D`` modules sees a
+    module whose input equals that output with the heads concatenated: the layer's output
+    projection. Its weight gives W_O^h (:func:`head_blocks`), the norms are computed and both
+    tensors dropped, so at most one layer's values (O(L·d)) wait at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.norms: dict[int, torch.Tensor] = {}  # layer -> [pos, head]
+        self._waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        linear = (torch.nn.Linear, Conv1D)
+        self._handles = [
+            module.register_forward_pre_hook(self._on_linear)
+            for module in model.modules()
+            if isinstance(module, linear)
+        ]
+
+    def on_attention(self, layer: int, call: AttentionCall, output: torch.Tensor) -> None:
+        """Wait for the layer's output projection: ``output [batch, head, q_pos, d_v]`` as the
+        model receives it (``[batch, q_pos, head, d_v]``) and ``call.value [batch, kv_head,
+        k_pos, d_v]``."""
+        self._waiting[layer] = (output.transpose(1, 2), call.value)
+
+    def _on_linear(self, module: torch.nn.Module, args: tuple) -> None:
+        if not self._waiting or not args or not isinstance(args[0], torch.Tensor):
+            return
+        x = args[0]  # [..., head * d_v] where this is an output projection
+        for layer, (output, value) in self._waiting.items():  # output [batch, q_pos, head, d_v]
+            if (
+                x.numel() == output.numel()
+                and x.shape[-1] == output.shape[-2] * output.shape[-1]
+                and _in_features(module) == x.shape[-1]  # a packed (quantised) weight is not
+                and torch.equal(x.reshape(output.shape), output)
+            ):
+                w_o = head_blocks(module, output.shape[-2])  # [head, d_v, d_model]
+                self.norms[layer] = _written_norms(value[0].transpose(0, 1), w_o)
+                del self._waiting[layer]
+                return
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
+@torch.no_grad()
 def _streamed_sinks(
     model: Model, token_ids: torch.Tensor, on_received: Callable[[int, torch.Tensor], None]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Streamed path: received attention from the kernels, value norms from forward hooks on
-    ``v_proj`` (W_O^h is the h-th column block of ``o_proj.weight``), residual norms from the
-    model's hidden states (``hidden_states[l]`` is the input of layer l, ``hook_resid_pre``)."""
+    """Streamed path: received attention from the kernels, value norms from the values the
+    attention function receives and the linear layer that reads its output
+    (:class:`_OutputProjections`), residual norms from the model's hidden states
+    (``hidden_states[l]`` is the input of layer l, ``hook_resid_pre``)."""
     info = model.info
-    modules = attention_modules(model)
-    values: list[torch.Tensor] = [torch.empty(0)] * info.n_layers
-
-    def hook_for(layer: int, module: torch.nn.Module) -> Callable:
-        w_o = module.o_proj.weight.detach().float()  # [d_model, head * d_head]
-        w_o = w_o.T.reshape(info.n_heads, info.d_head, -1)  # [head, d_head, d_model]
-
-        def on_v(_: torch.nn.Module, __: object, v: torch.Tensor) -> None:  # [1, pos, kv * d]
-            values[layer] = _written_norms(v[0].view(v.shape[1], -1, info.d_head), w_o)
-
-        return on_v
-
-    handles = [m.v_proj.register_forward_hook(hook_for(i, m)) for i, m in enumerate(modules)]
+    projections = _OutputProjections(model.hf)
     try:
-        with torch.no_grad(), StreamedRecorder(model.hf, received=True, reduce="mean") as rec:
+        with StreamedRecorder(
+            model.hf, received=True, reduce="mean", on_attention=projections.on_attention
+        ) as rec:
             hidden_states = model.hf(
                 token_ids[None].to(model.device), output_hidden_states=True
             ).hidden_states
     finally:
-        for handle in handles:
-            handle.remove()
+        projections.remove()
+    layers = list(range(info.n_layers))
+    missing = [layer for layer in layers if layer not in rec.masks]  # masks: layers that ran
+    if missing:
+        raise CaptureError(
+            f"{info.architecture}'s attention did not run through the workbench's attention "
+            f"function for layers {missing} (it does not dispatch through transformers' "
+            "AttentionInterface); use path='pattern'"
+        )
+    missing = [layer for layer in layers if layer not in projections.norms]
+    if missing:
+        raise CaptureError(
+            f"the sinks statistics found no nn.Linear/Conv1D reading the attention output of "
+            f"layers {missing} of {info.architecture} unchanged (an output gate or a quantised "
+            "projection), so they have no W_O for its value norms; use path='pattern'"
+        )
     for layer, received in enumerate(rec.received):  # [1, head, k_pos]
         on_received(layer, received[0])
+    values = [projections.norms[layer] for layer in layers]
     residual = [h[0].float().norm(dim=-1).cpu() for h in hidden_states[: info.n_layers]]
     return values, residual
 
@@ -246,9 +337,9 @@ class FirstTokenSinkProbe:
 
     def score(self, stats: dict[str, dict[str, np.ndarray]]) -> list[ScoreTable]:
         alpha = stats[BASIC]["first_token_mass"]  # [n_prompts, n_layers, n_heads]
-        table = ScoreTable(
+        table = ScoreTable.from_items(
             name=self.name,
-            values=alpha.mean(axis=0),
+            per_item=alpha,
             definition="first-token sink: alpha_1 = mean over queries of the attention on the "
             "first token, averaged over prompts; sink when alpha_1 > epsilon (Gu et al. 2024)",
             threshold=self.epsilon,
@@ -278,9 +369,9 @@ class HiddenSinkProbe:
             "hidden_sink_rate_per_prompt": float((score > HIDDEN_SINK_THRESHOLD).mean()),
         }
         return [
-            ScoreTable(
+            ScoreTable.from_items(
                 name=self.name,
-                values=score.mean(axis=0),
+                per_item=score,
                 definition="hidden sink (ACT, Yu et al. 2024): max over keys k >= 1 of "
                 "sum_i A[i, k] / (queries that see k), averaged over prompts; a key is a "
                 "hidden sink when this exceeds 0.1",
@@ -288,9 +379,9 @@ class HiddenSinkProbe:
                 label="hidden_sink",
                 parameters=parameters,
             ),
-            ScoreTable(
+            ScoreTable.from_items(
                 name="hidden_sink_count",
-                values=s["hidden_sink_count"].mean(axis=0),
+                per_item=s["hidden_sink_count"],
                 definition="mean number of hidden-sink keys (k >= 1, ACT's rule > 0.1) per prompt",
                 parameters={"threshold": HIDDEN_SINK_THRESHOLD},
             ),
@@ -308,9 +399,9 @@ class ValueDrainProbe:
         s = stats[SINKS]
         ratio = s["value_norm_first"] / s["value_norm_other"]  # [n_prompts, n_layers, n_heads]
         return [
-            ScoreTable(
+            ScoreTable.from_items(
                 name=self.name,
-                values=np.nanmean(ratio, axis=0),
+                per_item=ratio,
                 definition="value-state drain (Guo et al. 2024): ||v_0 W_O^h|| / mean_{j>0} "
                 "||v_j W_O^h||, averaged over prompts; < 1 means the first token's value is "
                 "drained",
@@ -327,12 +418,13 @@ class ResidualPeakProbe:
 
     def score(self, stats: dict[str, dict[str, np.ndarray]]) -> list[ScoreTable]:
         s = stats[SINKS]
-        per_layer = np.nanmean(s["residual_norm_first"] / s["residual_norm_other"], axis=0)
+        ratio = s["residual_norm_first"] / s["residual_norm_other"]  # [n_prompts, n_layers]
+        per_layer = np.nanmean(ratio, axis=0)
         n_heads = s["value_norm_first"].shape[-1]
         return [
-            ScoreTable(
+            ScoreTable.from_items(
                 name=self.name,
-                values=np.repeat(per_layer[:, None], n_heads, axis=1),
+                per_item=np.repeat(ratio[:, :, None], n_heads, axis=2),
                 definition="residual-state peak (Guo et al. 2024): ||resid_pre_l[0]|| / "
                 "mean_{j>0} ||resid_pre_l[j]||, averaged over prompts; a per-layer number "
                 "repeated over the heads that read that residual stream",

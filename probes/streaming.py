@@ -121,9 +121,9 @@ class StreamingProbe:
         s = stats[STREAMING]
         sink_size, recent_size = (int(v) for v in s["window"][0])
         return [
-            ScoreTable(
+            ScoreTable.from_items(
                 name="outside_window",
-                values=s["outside_mass"].mean(axis=0),
+                per_item=s["outside_mass"],
                 definition="streaming-head proxy (cf. DuoAttention): mean attention mass outside "
                 f"the first {sink_size} tokens and the {recent_size} most recent ones, over "
                 "queries that have such keys; high = the head needs the full KV cache",

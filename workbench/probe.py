@@ -10,12 +10,14 @@ prompts. A scan (:func:`workbench.scanner.scan`, on one process or over ranks wi
 2. :func:`record` does that into the run file's partial copy, one checkpoint per batch, and
    resumes after the last stored batch when the scan is rerun;
 3. :func:`score` asks every probe for its score tables ``[n_layers, n_heads]``;
-4. :func:`publish` scores the stored statistics, writes the tables and the labels they select
-   and publishes the run file atomically.
+4. :func:`publish` scores the stored statistics, writes the tables with their intervals, the
+   labels they select and the heads they leave tentative (the rule:
+   :mod:`workbench.scores`), and publishes the run file atomically.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,32 +47,75 @@ class ScanContext:
     options: dict[str, Any] = field(default_factory=dict)  # probe-specific, e.g. lengths
 
     def option(self, name: str, default: Any) -> Any:
-        """Option ``name`` converted to the type of ``default`` (bool, int, float, str, or a
-        tuple of str for a tuple default; a comma list or a single string is accepted there).
+        """Option ``name`` converted to the type of ``default``: bool, int, float, str, or a tuple
+        whose items take the type of the default's first item (str for an empty default).
+
+        A tuple option takes a single value, a comma list or a JSON list, from the CLI
+        (``--option retrieval_lengths=1024``, ``=512,1024``, ``=[512,1024]``) and from the API
+        (``options={"retrieval_lengths": 1024}``, ``"512,1024"``, ``[512, 1024]``) alike.
 
         Raises:
             ProbeOptionError: the value does not convert.
         """
         value = self.options.get(name, default)
+        kind = type(default[0]) if isinstance(default, tuple) and default else str
         try:
-            if isinstance(default, bool):
-                if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-                    return value.lower() in ("true", "1")
-                if isinstance(value, bool | int):
-                    return bool(value)
-                raise ValueError(value)
             if isinstance(default, tuple):
-                items = value.split(",") if isinstance(value, str) else list(value)
-                return tuple(str(v).strip() for v in items if str(v).strip())
-            return type(default)(value)
+                return tuple(_convert(item, kind) for item in _items(value))
+            return _convert(value, type(default))
         except (TypeError, ValueError):
+            what = (
+                f"a single {kind.__name__}, a comma list or a JSON list of them"
+                if isinstance(default, tuple)
+                else type(default).__name__
+            )
             raise ProbeOptionError(
-                f"option {name}={value!r}: expected {type(default).__name__} (default {default!r})"
+                f"option {name}={value!r}: expected {what} (default {default!r})"
             ) from None
 
     def token_ids(self) -> list[np.ndarray]:
         """The scan's prompts tokenized, each ``[seq]``."""
         return [self.model.tokenize(t, self.max_tokens).numpy() for t in self.prompts.texts]
+
+
+def _items(value: Any) -> list[Any]:
+    """The items of a list-valued option: a list or tuple as it is, a string as a JSON list when
+    it starts with ``[``, else as a comma list; any other single value as a list of one."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(str(e)) from None
+            if not isinstance(parsed, list):
+                raise ValueError(text)
+            return parsed
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return [value]
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` (bool, int, float or str), refusing what would change its meaning
+    (``1.5`` as an int, ``"yes"`` as a bool, a list as a number)."""
+    if isinstance(value, list | tuple | dict):
+        raise TypeError(value)
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        if isinstance(value, bool | int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(value)
+    if kind is int:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not float(number).is_integer():
+            raise ValueError(value)
+        return int(number)
+    if kind is float and isinstance(value, bool):
+        raise ValueError(value)
+    return kind(value.strip() if isinstance(value, str) else value)
 
 
 @dataclass
@@ -185,11 +230,12 @@ def publish(
     writer: RunWriter, groups: dict[str, MeasurementWriter], probes: list[Probe]
 ) -> tuple[dict[str, ScoreTable], Path]:
     """Score the statistics stored in ``groups`` (every item done), write the tables and the
-    labels they select (``name > threshold``), and publish ``writer``'s run file atomically.
+    labels they select (:attr:`ScoreTable.selected`, the rest :attr:`ScoreTable.tentative`),
+    and publish ``writer``'s run file atomically.
     Returns the tables and the published path; the caller closes ``writer``."""
     tables = score(probes, {key: group.stats() for key, group in groups.items()})
     for table in tables.values():
         writer.write_score(table)
         if table.label:
-            writer.write_label(table.label, table.selected, f"{table.name} > {table.threshold}")
+            writer.write_label(table.label, table.selected, table.rule, table.tentative)
     return tables, writer.finish()

@@ -55,13 +55,18 @@ def test_domain_statistics_agree_across_paths(tiny_model):
 
 def test_active_dormant_flip_margin():
     mass = {"prose": np.array([[0.9, 0.2, 0.6, 0.55]]), "code": np.array([[0.1, 0.3, 0.7, 0.45]])}
-    stats = {
-        f"dormant_{d}": {"sink_mass": m[None], "row_entropy": m[None]} for d, m in mass.items()
-    }
+    two = {d: np.stack([m - 0.01, m + 0.01]) for d, m in mass.items()}  # two prompts a domain
+    stats = {f"dormant_{d}": {"sink_mass": m, "row_entropy": m} for d, m in two.items()}
     tables = {t.name: t for t in DormantProbe().score(stats)}
     flip = tables["active_dormant"]
-    np.testing.assert_allclose(flip.values, [[0.4, -0.2, -0.1, 0.05]])
+    np.testing.assert_allclose(flip.values, [[0.4, -0.2, -0.1, 0.05]], atol=1e-6)
     assert flip.selected.tolist() == [[True, False, False, False]]  # 0.55 / 0.45 is no flip
+    # the margin's interval comes from resampling each domain's prompts: within +-0.01
+    assert 0.385 <= flip.interval.low[0, 0] < 0.4 < flip.interval.high[0, 0] <= 0.415
+    assert flip.interval.n_trials.tolist() == [[2, 2, 2, 2]]
+    one = {f"dormant_{d}": {"sink_mass": m[None]} for d, m in mass.items()}  # one prompt each
+    alone = {t.name: t for t in DormantProbe().score(one)}["active_dormant"]
+    assert not alone.selected.any() and alone.tentative.tolist() == [[True, False, False, False]]
     assert tables["sink_mass_prose"].label == "dormant_prose"
     assert tables["sink_mass_prose"].threshold == DORMANT_THRESHOLD
     frame = domain_table(tables)

@@ -4,11 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from probes.retrieval import RetrievalProbe, mean_over_counted, score_decode, score_forced
+from probes.retrieval import (
+    WU_DEPTHS,
+    RetrievalProbe,
+    preset_lengths,
+    report,
+    score_decode,
+    score_forced,
+    stability,
+    trials_for,
+)
+from workbench.builtins import TOY_MODELS_DIR
 from workbench.errors import ProbeOptionError
-from workbench.models import TOY_MODELS_DIR, load
+from workbench.models import load
 from workbench.probe import ScanContext
 from workbench.scanner import scan
+from workbench.scores import item_means
 from workbench.tasks import PromptSet
 from workbench.tasks.needle import NeedleTrial, needle_grid, rouge1_recall
 
@@ -67,8 +78,8 @@ def test_rouge_and_counted_mean():
     assert rouge1_recall("7481", "the number is 7481.") == 1.0
     assert rouge1_recall("a a b", "a b") == pytest.approx(2 / 3)  # multiplicity counts
     trials = np.stack([np.ones((2, 3)), np.full((2, 3), np.nan), np.zeros((2, 3))])
-    np.testing.assert_allclose(mean_over_counted(trials), 0.5)
-    assert np.isnan(mean_over_counted(trials[1:2])).all()
+    np.testing.assert_allclose(item_means(trials), 0.5)
+    assert np.isnan(item_means(trials[1:2])).all()
 
 
 def test_options_are_checked(tiny_model):
@@ -78,11 +89,78 @@ def test_options_are_checked(tiny_model):
         ({"retrieval_lengths": "100000"}, "exceed the model's context of 256"),
         ({"retrieval_depths": "0.5,2"}, "must lie in"),
         ({"retrieval_task": "code"}, "retrieval_task must be"),
-        ({"retrieval_lengths": "abc"}, "comma list of numbers"),
+        ({"retrieval_lengths": "abc"}, "a comma list or a JSON list"),
+        ({"retrieval_lengths": "64.5"}, "retrieval_lengths='64.5'"),
+        ({"retrieval_preset": "paper"}, "retrieval_preset must be"),
+        ({"retrieval_preset": "wu2024", "retrieval_n_lengths": 0}, "retrieval_n_lengths >= 1"),
     ]:
         ctx = ScanContext(tiny_model, PromptSet("none", ["x"]), options=options)
         with pytest.raises(ProbeOptionError, match=message):
             probe.measurements(ctx)
+
+
+@pytest.mark.parametrize("value", [64, "64", "64,", "[64]", [64], (64,)])
+def test_a_single_length_is_accepted_in_every_form(tiny_model, value):
+    """Issue 16: ``--option retrieval_lengths=1024`` was refused ("expected tuple")."""
+    ctx = ScanContext(tiny_model, PromptSet("none", ["x"]), options={"retrieval_lengths": value})
+    _, trials = trials_for(ctx)
+    assert {t.length for t in trials} == {64}
+
+
+def test_wu2024_preset_spans_the_context_with_the_reference_depths(tiny_model):
+    ctx = ScanContext(
+        tiny_model,
+        PromptSet("none", ["x"]),
+        options={"retrieval_preset": "wu2024", "retrieval_n_lengths": 3, "retrieval_needles": 1},
+    )
+    _, trials = trials_for(ctx)
+    top = tiny_model.info.max_context - 50  # room for the 50 decoding steps
+    assert sorted({t.length for t in trials}) == [top // 4, (top // 4 + top) // 2, top]
+    assert sorted({t.depth for t in trials}) == list(WU_DEPTHS)
+    assert WU_DEPTHS[:3] == (0.0, 0.11, 0.22) and WU_DEPTHS[-1] == 1.0
+    assert len(trials) == 3 * 10
+    capped = ScanContext(
+        tiny_model,
+        PromptSet("none", ["x"]),
+        options={
+            "retrieval_preset": "wu2024",
+            "retrieval_max_length": 100,
+            "retrieval_n_lengths": 1,
+            "retrieval_depths": 0,
+        },
+    )
+    assert [t.length for t in trials_for(capped)[1]] == [100] * 3  # the user's cap, 3 needles
+
+
+def test_preset_lengths_follow_the_reference_spacing():
+    assert preset_lengths(50000, 20)[:3] == (1000, 3579, 6158)  # np.linspace(1000, 50000, 20)
+    assert preset_lengths(50000, 20)[-1] == 50000 and len(preset_lengths(50000, 20)) == 20
+    small = preset_lengths(40, 20)  # a toy context: from a quarter of it, repeats dropped
+    assert small[0] == 10 and small[-1] == 40 and list(small) == sorted(set(small))
+    assert preset_lengths(40, 1) == (40,)  # one length: the longest
+
+
+def test_stability_halves_lengths_and_trial_counts():
+    rng = np.random.default_rng(0)
+    per_trial = rng.uniform(0, 0.05, (16, 2, 3))
+    per_trial[:, 0, 0] = rng.uniform(0.5, 0.7, 16)  # a clear retrieval head
+    per_trial[3] = np.nan  # a trial that did not count
+    lengths = np.repeat([100, 200], 8)
+    got = stability(per_trial, lengths)
+    assert got["halves"] == {"trials": [8, 8], "labelled": [1, 1], "jaccard": 1.0}
+    assert [row["trials"] for row in got["by_trials"]] == [2, 4, 8, 16]
+    assert got["by_trials"][-1] == {"trials": 16, "labelled": 1, "jaccard_with_all": 1.0}
+
+    per_trial[:8, 1, 2] = 0.4  # a head only at the shorter length
+    first, second = stability(per_trial, lengths)["by_length"]
+    assert (first["length"], first["trials"], first["counted"]) == (100, 8, 7)
+    assert (second["length"], second["trials"], second["counted"]) == (200, 8, 8)
+    # all lengths together label both heads (1.2 scores 0.2 on average); 200 finds one of them
+    assert first["labelled"] == 2 and first["jaccard_with_all"] == 1.0
+    assert second["labelled"] == 1 and second["jaccard_with_all"] == 0.5
+
+    empty = stability(np.zeros((4, 2, 3)), np.full(4, 100))
+    assert empty["halves"]["jaccard"] is None  # nothing labelled: nothing to compare
 
 
 @pytest.mark.slow
@@ -120,6 +198,11 @@ def test_finds_the_ground_truth_retrieval_heads_of_toy_recall(tmp_path):
         assert table.parameters["counted_trials"] >= table.parameters["trials"] // 2
         found = {(int(a), int(b)) for a, b in zip(*np.nonzero(table.selected), strict=True)}
         assert found == expected, name
+        assert table.parameters["stability"]["halves"]["jaccard"] == 1.0
+    text = report(str(tmp_path / "toy.h5"))
+    n_heads = result.tables["retrieval"].values.size
+    assert text.count(f"labelled {len(expected)}/{n_heads}") == 2  # both variants
+    assert "halves of the trials" in text and "agreement decode vs forced" in text
 
 
 def _ground_truth(truth: dict, role: str) -> set[tuple[int, int]]:

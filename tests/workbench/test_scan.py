@@ -44,7 +44,11 @@ def test_scan_in_memory_and_on_disk_agree(tiny_model, prompt_file, tmp_path):
         np.testing.assert_allclose(memory.tables[name].values, disk.tables[name].values)
     with open_run(disk.path) as run:
         np.testing.assert_allclose(run.score("sink").values, memory.tables["sink"].values)
-        assert run.label("sink").tolist() == (memory.tables["sink"].values > 0.3).tolist()
+        sink = memory.tables["sink"]
+        assert run.label("sink").tolist() == sink.selected.tolist()
+        assert run.tentative("sink").tolist() == sink.tentative.tolist()
+        assert (run.label("sink") | run.tentative("sink")).tolist() == (sink.values > 0.3).tolist()
+        np.testing.assert_array_equal(run.score("sink").interval.low, sink.interval.low)
     assert len(memory.scores) == 8 and "sink" in memory.scores.columns
     assert memory.heatmap("sink").data[0].z.shape == (2, 4)
     assert "heads labelled 'sink'" in memory.summary()
