@@ -97,6 +97,13 @@ class StreamedRecorder:
             Timings on an H100 are in docs/benchmarks.md. Where SDPA cannot give the output
             (padding, a KV cache) the fused pass is used whatever this says; with attention
             dropout, SDPA is.
+        on_attention: called as ``on_attention(layer, call, output)`` once per attention layer
+            and forward pass, after the layer's output is computed and before the model reads
+            it: the parsed :class:`AttentionCall` (its ``value [batch, n_kv_heads, k_len, d_v]``
+            are the post-projection values the heads mix, whatever the family's projection
+            modules) and ``output [batch, n_heads, q_len, d_v]``, which the model's output
+            projection consumes next. For statistics of values (e.g. the sinks probes' value
+            norms); the recorder keeps neither, and a callback that does holds O(L·d) per layer.
 
     Attributes:
         forwards: one entry per forward pass inside the context (generation makes several),
@@ -120,6 +127,7 @@ class StreamedRecorder:
         backend: str = "auto",
         on_layer: Callable[[int, AttentionStats, Tensor | None], None] | None = None,
         output: str = "auto",
+        on_attention: Callable[[int, AttentionCall, Tensor], None] | None = None,
     ) -> None:
         if reduce not in (None, "mean"):
             raise ValueError(f"reduce must be None or 'mean', got {reduce!r}")
@@ -141,6 +149,7 @@ class StreamedRecorder:
         self.backend = backend
         self.on_layer = on_layer
         self.output = output
+        self.on_attention = on_attention
         self._rows: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
         self.masks: dict[int, KeyMask] = {}  # per layer, the window and chunk its keys had
         self._runs: list[_Forward] = []  # forwards that completed
@@ -215,9 +224,10 @@ class StreamedRecorder:
 
     # -- recording ---------------------------------------------------------------------------
 
-    def _record(self, call: AttentionCall, *, need_output: bool) -> Tensor | None:
-        """Record one layer's statistics; returns the attention output if ``need_output``, or
-        where the fused pass gives it (``self.output``; not with dropout), else None."""
+    def _record(self, call: AttentionCall, *, need_output: bool) -> tuple[int, Tensor | None]:
+        """Record one layer's statistics; returns the layer index and the attention output if
+        ``need_output``, or where the fused pass gives it (``self.output``; not with dropout),
+        else None."""
         if self._pending is None:  # an attention module called outside the model's forward
             self._pending = _Forward()
             self._runs.append(self._pending)
@@ -271,12 +281,12 @@ class StreamedRecorder:
         if self.on_layer is not None:  # blocking copies: the callback reads them at once
             received = None if rec is None else rec.to(self.device)
             self.on_layer(layer, st.apply(lambda t: t.to(self.device)), received)
-            return output
+            return layer, output
         # non-blocking: the GPU goes on with the next layer; `forwards` synchronizes
         if rec is not None:
             run.received[layer] = rec.to(self.device, non_blocking=True)
         run.stats[layer] = st.apply(lambda t: t.to(self.device, non_blocking=True))
-        return output
+        return layer, output
 
     def _kept_rows(
         self, offset: int, k_len: int, device: torch.device
@@ -327,9 +337,13 @@ def streamed_attention(call: AttentionCall) -> Tensor:
     d_v]`` (SDPA, or the fused kernel where SDPA would need a mask) plus statistics for the
     active recorder, computed from the same q and k."""
     recorder = _ACTIVE.get()
-    need_output = needs_kernel_output(call)
-    output = None if recorder is None else recorder._record(call, need_output=need_output)
-    return attend(call) if output is None else output
+    if recorder is None:
+        return attend(call)
+    layer, output = recorder._record(call, need_output=needs_kernel_output(call))
+    output = attend(call) if output is None else output
+    if recorder.on_attention is not None:
+        recorder.on_attention(layer, call, output)
+    return output
 
 
 register(ATTENTION_NAME, streamed_attention)

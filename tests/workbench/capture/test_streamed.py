@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels import stats_from_pattern
 from workbench.capture.streamed import ATTENTION_NAME, StreamedRecorder
@@ -320,3 +322,53 @@ def test_output_from_fused_kernel_or_sdpa(llama, output):
         torch.testing.assert_close(kept.entropy, streamed.entropy[:, :, [3, 39]], atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="output"):
         StreamedRecorder(llama, output="eager")
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 2),
+    seq=st.integers(2, 24),
+    padded=st.integers(0, 3),
+    q_positions=st.none() | st.lists(st.integers(0, 23), min_size=1, max_size=3),
+)
+def test_on_attention_hands_over_values_and_output(llama, batch, seq, padded, q_positions):
+    """``on_attention`` gets each layer's values as v_proj made them and the output o_proj reads
+    next, whatever queries are kept; the recorded statistics are those of a recorder without it."""
+    ids = torch.randint(2, 64, (batch, seq), generator=torch.Generator().manual_seed(seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, : min(padded, seq - 1)] = 0  # left padding of the first row
+    layers = llama.model.layers
+    v_proj: dict[int, torch.Tensor] = {}  # layer -> [batch, pos, kv_head * d_head]
+    o_proj: dict[int, torch.Tensor] = {}  # layer -> [batch, pos, head * d_head]
+    hooks = []
+    for i, layer in enumerate(layers):
+        attention = layer.self_attn
+        hooks.append(attention.v_proj.register_forward_hook(
+            lambda _m, _a, out, i=i: v_proj.__setitem__(i, out)))  # fmt: skip
+        hooks.append(attention.o_proj.register_forward_pre_hook(
+            lambda _m, args, i=i: o_proj.__setitem__(i, args[0])))  # fmt: skip
+    seen = []
+    options = dict(received=True, q_positions=q_positions, **KW)
+    try:
+        with torch.no_grad():
+            with StreamedRecorder(llama, **options) as plain:
+                llama(ids, attention_mask=mask)
+            with StreamedRecorder(llama, on_attention=lambda *a: seen.append(a), **options) as rec:
+                llama(ids, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [layer for layer, _, _ in seen] == [0, 1]
+    d_head = llama.config.hidden_size // llama.config.num_attention_heads
+    for layer, call, output in seen:  # value [b, kv, pos, d]; output [b, head, pos, d]
+        assert call.layer == layer
+        want = v_proj[layer].view(batch, seq, -1, d_head).transpose(1, 2)
+        torch.testing.assert_close(call.value, want, atol=0, rtol=0)
+        torch.testing.assert_close(
+            output.transpose(1, 2).reshape(batch, seq, -1), o_proj[layer], atol=0, rtol=0
+        )
+    for got, want in zip(rec.stats, plain.stats, strict=True):
+        for name in (*FIELDS, "lse", "argmax"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=0, rtol=0)
+    for got, want in zip(rec.received, plain.received, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
