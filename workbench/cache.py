@@ -27,11 +27,18 @@ from tqdm.auto import tqdm
 from workbench.atomic import atomic_path
 from workbench.errors import MissingEntryError, WorkbenchError
 from workbench.models import Model, ModelInfo
-from workbench.store import UTF8, model_info_from_attrs, open_h5, workbench_version
+from workbench.store import (
+    UTF8,
+    create_h5,
+    model_info_from_attrs,
+    open_h5,
+    seal,
+    workbench_version,
+)
 from workbench.tasks import PromptSet
 
 CACHE_SCHEMA = "attention-head-workbench/cache"
-CACHE_SCHEMA_VERSION = 1
+CACHE_SCHEMA_VERSION = 2  # 2: sealed like run files (workbench.store.seal)
 
 
 def matching_hooks(model: Model, pattern: str) -> list[str]:
@@ -58,42 +65,55 @@ def write_cache(
     """Cache the activations of ``hooks`` (glob) for every prompt into ``out``; returns its path."""
     out = Path(out)
     names = matching_hooks(model, hooks)
-    bridge = model.bridge()
-    with atomic_path(out) as partial, h5py.File(partial, "w") as f:
-        f.attrs.update(
-            {
-                "schema": CACHE_SCHEMA,
-                "schema_version": CACHE_SCHEMA_VERSION,
-                "workbench_version": workbench_version(),
-                "hooks": names,
-                "complete": False,
-                **{f"model_{k}": v for k, v in model.info.to_dict().items()},
-            }
-        )
-        f.create_dataset("prompts/texts", data=list(prompts.texts), dtype=UTF8)
-        for index, text in enumerate(
-            tqdm(
-                prompts.texts,
-                desc="cache",
-                unit="prompt",
-                disable=not progress,
-                file=sys.stderr,
-            )
-        ):
-            ids = model.tokenize(text, max_tokens)
-            _, acts = bridge.run_with_cache(ids[None].to(model.device), names_filter=names)
-            for name in names:
-                array = _storable(acts[name][0])  # batch dimension dropped
-                f.create_dataset(
-                    f"acts/{name}/{index}",
-                    data=array,
-                    compression="gzip",
-                    compression_opts=4,
-                    chunks=True,
-                )
-            del acts
-        f.attrs["complete"] = True
+    with atomic_path(out) as partial:
+        with create_h5(partial, CACHE_SCHEMA, CACHE_SCHEMA_VERSION) as f:
+            _fill(f, model, prompts, names, max_tokens, progress)
+        seal(partial)
     return out
+
+
+def _fill(
+    f: h5py.File,
+    model: Model,
+    prompts: PromptSet,
+    names: list[str],
+    max_tokens: int | None,
+    progress: bool,
+) -> None:
+    """Write the prompts' activations of hooks ``names`` into the new cache file ``f``."""
+    bridge = model.bridge()
+    f.attrs.update(
+        {
+            "workbench_version": workbench_version(),
+            "hooks": names,
+            "complete": False,
+            **{f"model_{k}": v for k, v in model.info.to_dict().items()},
+        }
+    )
+    f.create_dataset("prompts/texts", data=list(prompts.texts), dtype=UTF8)
+    for index, text in enumerate(
+        tqdm(
+            prompts.texts,
+            desc="cache",
+            unit="prompt",
+            disable=not progress,
+            file=sys.stderr,
+        )
+    ):
+        ids = model.tokenize(text, max_tokens)
+        _, acts = bridge.run_with_cache(ids[None].to(model.device), names_filter=names)
+        for name in names:
+            array = _storable(acts[name][0])  # batch dimension dropped
+            f.create_dataset(
+                f"acts/{name}/{index}",
+                data=array,
+                compression="gzip",
+                compression_opts=4,
+                chunks=True,
+                fletcher32=True,
+            )
+        del acts
+    f.attrs["complete"] = True
 
 
 def _storable(tensor: torch.Tensor) -> np.ndarray:

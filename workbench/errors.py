@@ -30,6 +30,11 @@ class RunFileError(WorkbenchError):
     """A run or cache file cannot be used (missing, foreign, truncated, other schema)."""
 
 
+class CorruptFileError(RunFileError):
+    """A workbench file whose content no longer matches the checksum it was sealed with
+    (truncated, or changed after it was written): nothing of it is read."""
+
+
 class ForeignFileError(RunFileError):
     """The file is HDF5 (or not) but was not written by the workbench."""
 
@@ -41,6 +46,17 @@ class SchemaVersionError(RunFileError):
 class RunMismatchError(RunFileError):
     """A run file belongs to another model than the one at hand (``check_run_model`` in
     ``workbench.store``), or the parts of a data-parallel scan do not fit together."""
+
+
+class OutputError(WorkbenchError):
+    """An output path cannot be written: a directory where a file goes (or the reverse), a
+    file where a parent directory goes, or a place this process may not write
+    (``workbench.atomic.check_output``, checked before any work starts)."""
+
+
+class OutputLockedError(OutputError):
+    """Another process is writing the same output (``workbench.atomic.writer_lock``); the
+    message names the lock file and the process that holds it."""
 
 
 class DistributedError(WorkbenchError):

@@ -41,5 +41,5 @@ def test_run_file_is_not_a_cache(tiny_model, prompt_file, tmp_path):
     from workbench.scanner import scan
 
     run = scan(tiny_model, str(prompt_file), out=tmp_path / "run.h5", progress=False)
-    with pytest.raises(ForeignFileError, match="not a workbench file of kind"):
+    with pytest.raises(ForeignFileError, match="kind 'attention-head-workbench/run', not .*cache"):
         open_cache(run.path)

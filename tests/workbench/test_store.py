@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from workbench.errors import (
+    CorruptFileError,
     ForeignFileError,
     MissingEntryError,
     RunFileError,
@@ -58,7 +59,7 @@ def test_roundtrip(tmp_path, tiny_model):
         assert table.threshold == 3.5 and table.parameters == {"epsilon": 0.3}
         assert run.label("sink").sum() == info.n_layers * info.n_heads - 4
         assert list(run.scores_frame().columns) == ["layer", "head", "kv_head", "sink"]
-        assert run.attrs["schema_version"] == 1
+        assert run.attrs["schema_version"] == 2
         with pytest.raises(MissingEntryError, match="has no score 'nope'"):
             run.score("nope")
         with pytest.raises(MissingEntryError, match="has no stat 'nope'"):
@@ -106,17 +107,25 @@ def test_bad_files(tmp_path, tiny_model):
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = 1
-    with pytest.raises(ForeignFileError, match="not a workbench file"):
+    with pytest.raises(
+        ForeignFileError, match="not a workbench file .an HDF5 file without the workbench seal"
+    ):
         open_run(foreign)
     good = _complete_run(tmp_path / "good.h5", tiny_model.info)
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ForeignFileError, match="truncated or corrupt"):
+    with pytest.raises(CorruptFileError, match="truncated or corrupt: its content does not match"):
         open_run(truncated)
-    with h5py.File(good, "r+") as f:
+    with h5py.File(good, "r+") as f:  # an edit behind the workbench's back breaks the seal
         f.attrs["schema_version"] = 99
-    with pytest.raises(SchemaVersionError, match="schema version 99"):
+    with pytest.raises(CorruptFileError, match="truncated or corrupt: its content does not match"):
         open_run(good)
+    other = _complete_run(tmp_path / "other.h5", tiny_model.info)
+    data = bytearray(other.read_bytes())
+    data[: len(b"attention-head-workbench/run 2")] = b"attention-head-workbench/run 9"
+    other.write_bytes(bytes(data))
+    with pytest.raises(SchemaVersionError, match="schema version 9"):
+        open_run(other)
 
 
 def test_unfinished_run_is_refused(tmp_path, tiny_model):
