@@ -20,7 +20,7 @@ from workbench.lazy import lazy_exports
 _EXPORTS = {
     "Model": "workbench.models",
     "ModelInfo": "workbench.models",
-    "list_models": "workbench.models",
+    "list_models": "workbench.builtins",
     "load": "workbench.models",
     "Run": "workbench.store",
     "open_run": "workbench.store",

@@ -3,7 +3,7 @@ circuit (the interventions plugin), attention figures and the serving export. ``
 resolves here (see the package's ``__init__``).
 
     import workbench as wb
-    atlas = wb.atlas(result)                       # workbench.head_atlas.Atlas: .plot(), .to_pandas()
+    atlas = wb.atlas(result)                  # workbench.head_atlas.Atlas: .plot(), .to_pandas()
     circuit = wb.ioi(model, n=16)                  # interventions.circuit.Circuit
     wb.export_map("runs/x.h5", "duo", "maps/x", full_fraction=0.25)   # files for serving stacks
 """
@@ -16,9 +16,9 @@ from typing import Any
 from interventions import evaluate, intervene
 from interventions.circuit import Circuit
 from interventions.ioi import find_circuit
-from workbench.head_atlas import Atlas, build_atlas
 from workbench.export import export
 from workbench.figures import plot_attention
+from workbench.head_atlas import Atlas, build_atlas
 from workbench.headmap import HeadMap, Policy
 from workbench.models import Model
 from workbench.store import Run, open_run
@@ -50,14 +50,17 @@ def export_map(
     threshold: float | None = None,
     full_fraction: float | None = None,
     policy: Policy | None = None,
+    values: str | None = None,
+    index: str | None = None,
 ) -> list[Path]:
-    """Write a run's head map in a serving format (``json``, ``duo``, ``layer-heads``,
-    ``head-scores``) into ``out_dir``, as ``workbench export`` does; returns the files."""
+    """Write a run's head map in a serving format (``json``, ``duo``, ``layer-heads``, ``moa``,
+    ``head-scores``) into ``out_dir``, as ``workbench export`` does; returns the files.
+    ``values`` and ``index`` are the ``duo`` and ``layer-heads`` options of
+    :func:`workbench.export.export`."""
     if isinstance(run, Run):
         headmap = HeadMap.from_run(run, policy)
     else:
         with open_run(run) as opened:
             headmap = HeadMap.from_run(opened, policy)
-    return export(
-        headmap, fmt, out_dir, score=score, threshold=threshold, full_fraction=full_fraction
-    )
+    selection = {"score": score, "threshold": threshold, "full_fraction": full_fraction}
+    return export(headmap, fmt, out_dir, **selection, values=values, index=index)

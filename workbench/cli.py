@@ -1,6 +1,7 @@
 """The ``workbench`` command: one parser, with the subcommands every package registers.
 
-Each package lists its subcommands as :class:`~workbench.arguments.Command` objects in a ``cli``
+``workbench models`` is answered here (:mod:`workbench.builtins` needs no torch). Each package
+lists its subcommands as :class:`~workbench.arguments.Command` objects in a ``cli``
 module: the core's and the scanner's below (handlers in :mod:`workbench.commands`), the
 interventions' in :mod:`interventions.cli`, the explorer's in :mod:`app.cli`. Those modules
 import only argparse and :mod:`workbench.arguments`; a command's handler module (torch,
@@ -21,6 +22,7 @@ from importlib import import_module
 from app import cli as app_cli
 from interventions import cli as interventions_cli
 from workbench.arguments import Command, device_map, head_counts, key_value, number_list
+from workbench.builtins import list_models
 from workbench.errors import WorkbenchError
 
 EXIT_USER_ERROR = 2
@@ -79,8 +81,21 @@ def _show_arguments(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run file (.h5) written by `workbench scan`")
-    p.add_argument("--format", required=True, choices=["json", "duo", "layer-heads", "head-scores"])
+    p.add_argument(
+        "--format", required=True, choices=["json", "duo", "layer-heads", "moa", "head-scores"]
+    )
     p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument(
+        "--values",
+        choices=["scores", "binary"],
+        help="duo: KV scores normalised to [0, 1], which consumers rank (default), or 1/0",
+    )
+    p.add_argument(
+        "--index",
+        choices=["kv", "query"],
+        help="layer-heads: list KV-head indices (default; RazorAttention reads these) or the "
+        "query heads of full KV heads",
+    )
     p.add_argument(
         "--score", help="score deciding full attention (default: the one labelled --full-label)"
     )
@@ -133,6 +148,13 @@ def _evaluate_map_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["auto", "prose", "toy-recall"], default="auto")
     p.add_argument("--sink-size", type=int, default=4, help="sink tokens of streaming heads")
     p.add_argument("--recent-size", type=int, default=256, help="window of streaming heads")
+    p.add_argument(
+        "--prefill",
+        choices=["exact", "streamed"],
+        default="streamed",
+        help="streamed: the policy from the first token on (DuoAttention); exact: the context is "
+        "prefilled exactly and the question and answer see the compressed cache (kvpress)",
+    )
     p.add_argument("--gqa", choices=["max", "mean"], default="max")
     p.add_argument("--max-new", type=int, default=40, help="tokens to decode per answer")
     p.add_argument("--seed", type=int, default=0, help="seed of trials and random maps")
@@ -163,7 +185,7 @@ COMMANDS = [
     Command(
         "models",
         "list the built-in models and whether each is installed",
-        "workbench.commands:run_models",
+        "workbench.cli:run_models",
         _models_arguments,
     ),
     Command(
@@ -203,6 +225,15 @@ COMMANDS = [
         _train_toy_arguments,
     ),
 ]
+
+
+def run_models(args: argparse.Namespace) -> None:
+    """``workbench models``."""
+    rows = list_models()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        state = "installed" if r["installed"] else f"missing: {r['install']}"
+        print(f"{r['name']:<{width}}  {state:<10}  {r['description']}")
 
 
 # Every package's commands, in the order ``workbench --help`` lists them.

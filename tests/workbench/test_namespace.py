@@ -41,13 +41,16 @@ def test_core_modules_import_without_the_fronts_or_the_plugins():
     assert out.stdout.strip() == "[]"
 
 
-def test_the_cli_parses_without_torch():
-    """``workbench --help`` starts at once: the parser modules import no torch, transformers or
-    Dash; a command's handler module loads only when it runs."""
+def test_the_cli_parses_and_lists_models_without_torch():
+    """``workbench --help`` and ``workbench models`` start at once: the parser modules and the
+    built-in model list import no torch, transformers or Dash; a command's handler module loads
+    only when it runs."""
     code = (
         "import sys, workbench.cli;"
         "workbench.cli.build_parser().parse_args(['scan', 'toy-bb']);"
+        "workbench.cli.main(['models']);"
         "print(sorted(m for m in ('torch', 'transformers', 'dash', 'h5py') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    *listing, loaded = out.stdout.strip().splitlines()
+    assert "toy-bb" in "".join(listing) and loaded == "[]"
