@@ -106,6 +106,9 @@ class NeedleTrial:
     depth: float  # requested depth in [0, 1]
     needle_index: int  # index into the needle list
     seed: int
+    # where the question after the haystack begins (``token_ids[question_start:]``); None: not
+    # recorded. A serving client prefills the context before it and then reads the question.
+    question_start: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -192,6 +195,7 @@ def make_trial(
         depth=float(depth),
         needle_index=index,
         seed=seed,
+        question_start=len(token_ids) - len(tail),
     )
 
 
@@ -275,6 +279,7 @@ def toy_recall_grid(
                 depth=float(depth),
                 needle_index=-1,
                 seed=seed + k,
+                question_start=len(token_ids) - 2,  # <q> k
             )
         )
     return trials
