@@ -52,15 +52,18 @@ The other three share the measurement ``sinks``.
   concatenated (a forward pre-hook compares them exactly) is the layer's output projection
   (``o_proj``, ``c_proj``, ``dense``, ``out_proj``, ``Wo``, ...); its weight, split per head, is
   W_O^h (:func:`head_blocks`: ``nn.Linear`` stores ``[d_model, head·d_v]``, ``Conv1D``
-  ``[head·d_v, d_model]``). The residual norms come from the model's ``hidden_states``
+  ``[head·d_v, d_model]``). (The bridge's ``W_O`` is not used here: the streamed path must not
+  need TransformerLens, which has no adapter for some families, e.g. ModernBERT.) The residual
+  norms come from the model's ``hidden_states``
   (``hidden_states[l]`` is layer l's input). Where the attention does not go through the swap
   (Falcon), or no linear layer reads its output unchanged (an output gate, a quantised
   projection), a :class:`~workbench.errors.CaptureError` names the pattern path.
 
 Both paths compute ‖v_j W_O^h‖ as ‖v_j R_hᵀ‖ with W_O^hᵀ = Q_h R_h (QR; Q_h has orthonormal
 columns), so memory stays ``[pos, head, d_v]`` however large d_model is. Tests hold the two paths
-together, on the tiny model and on every family of the architecture matrix that has both.
-Options: ``hidden_sink_min_queries`` (int, default 8).
+together statistic by statistic on the tiny Llama and eight families of the architecture matrix
+(``tests/probes/test_sinks.py``), and score table by score table on every family that has both
+(``tests/architectures``). Options: ``hidden_sink_min_queries`` (int, default 8).
 """
 
 from __future__ import annotations
