@@ -6,6 +6,8 @@ Examples::
     workbench intervene smollm2-135m --spec spec.json --task ioi --task-option n=32
     workbench intervene smollm2-135m --sweep zero --task ioi --out sweep.json
     workbench intervene smollm2-135m --self-repair 9.0,10.3 --task ioi
+    workbench intervene smollm2-135m --knockout-curve --scores runs/x.h5 --score retrieval \
+        --task needle --task-option length=512 --plot knockout.html
     workbench ioi smollm2-135m --n 16 --run runs/smollm2.h5 --plot circuit.html
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.arguments import Command, key_value
+from workbench.arguments import Command, key_value, number_list
 
 
 def _intervene_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +27,11 @@ def _intervene_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--direct-effects", action="store_true", help="every head's direct effect (one pass)"
     )
+    mode.add_argument(
+        "--knockout-curve", action="store_true",
+        help="top-k heads of --scores/--score knocked out together (k in --ks and all labelled "
+        "heads) vs --controls draws of random unlabelled heads of equal size",
+    )  # fmt: skip
     p.add_argument("--task", required=True, choices=["ioi", "needle", "loss", "toy"])
     p.add_argument(
         "--task-option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
@@ -34,7 +41,14 @@ def _intervene_arguments(p: argparse.ArgumentParser) -> None:
         "--option", action="append", default=[], type=key_value, metavar="KEY=VALUE",
         help="spec option for --sweep/--self-repair (factor=2, beta=0.4, sinks=[0])",
     )  # fmt: skip
-    p.add_argument("--kind", default="zero", help="intervention kind for --self-repair")
+    p.add_argument(
+        "--kind", default="zero", help="intervention kind for --self-repair and --knockout-curve"
+    )
+    p.add_argument(
+        "--ks", type=number_list(int), metavar="K,...",
+        help="top-k sizes of --knockout-curve (default 1,2,5,10,20; all labelled heads are added)",
+    )  # fmt: skip
+    p.add_argument("--plot", metavar="HTML", help="with --knockout-curve: write the figure")
     p.add_argument(
         "--heads", metavar="L.H,...",
         help="heads to sweep (default: all); with --spec, heads the random control never uses",

@@ -11,6 +11,8 @@ Examples::
         --scores runs/smollm2.h5 --score retrieval --top-k 10
     workbench intervene smollm2-135m --self-repair 9.0,10.3 --task ioi
     workbench intervene smollm2-135m --direct-effects --task ioi --top-k 10
+    workbench intervene smollm2-135m --knockout-curve --task needle --task-option length=512 \\
+        --scores runs/smollm2.h5 --score retrieval --plot knockout.html
 
 The table goes to stdout; ``--out`` writes the result as JSON (atomically).
 """
@@ -25,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from interventions.circuit import Circuit, overlap
-from interventions.evaluation import evaluate, sweep, top_heads
+from interventions.evaluation import (
+    KNOCKOUT_KS,
+    NoControlError,
+    evaluate,
+    knockout_curve,
+    sweep,
+    top_heads,
+)
 from interventions.ioi import Rules, find_circuit
 from interventions.repair import direct_effects, self_repair
 from interventions.specs import load_specs, parse_head
@@ -47,21 +56,29 @@ def _heads_option(args: argparse.Namespace, model: Any) -> list[Any] | None:
     if args.heads:
         return [parse_head(h) for h in args.heads.split(",")]
     if args.scores:
-        if not args.score:
-            raise InterventionError("--scores needs --score NAME (the score table to rank by)")
-        with open_run(args.scores) as run:
-            check_run_model(run.model, model.info, args.scores)
-            table = run.score(args.score)
-        return top_heads(table, args.top_k or 10)
+        return top_heads(_score_table(args, model), args.top_k or 10)
     return None
+
+
+def _score_table(args: argparse.Namespace, model: Any) -> Any:
+    """The score table ``--score`` of the run file ``--scores``, made with ``model``."""
+    if not args.scores or not args.score:
+        raise InterventionError("give --scores RUN and --score NAME (the score table to rank by)")
+    with open_run(args.scores) as run:
+        check_run_model(run.model, model.info, args.scores)
+        return run.score(args.score)
 
 
 def run_intervene(args: argparse.Namespace) -> None:
     """``workbench intervene`` (:mod:`interventions.cli` holds its arguments)."""
-    modes = [m for m in (args.spec, args.sweep, args.self_repair, args.direct_effects) if m]
-    if len(modes) != 1:
+    modes = [args.spec, args.sweep, args.self_repair, args.direct_effects, args.knockout_curve]
+    if len([m for m in modes if m]) != 1:
         raise InterventionError(
-            "give exactly one of --spec, --sweep, --self-repair, --direct-effects"
+            "give exactly one of --spec, --sweep, --self-repair, --direct-effects, --knockout-curve"
+        )
+    if args.knockout_curve and (not args.scores or not args.score or args.controls < 1):
+        raise InterventionError(
+            "--knockout-curve needs --scores RUN, --score NAME and --controls >= 1 (random draws)"
         )
     options = dict(args.option)
     specs = load_specs(args.spec) if args.spec else None  # check the file before loading
@@ -70,12 +87,28 @@ def run_intervene(args: argparse.Namespace) -> None:
     common = {"batch_size": args.batch_size}
     if args.spec:
         exclude = _heads_option(args, model) or []  # --heads/--scores: heads the control avoids
-        result = evaluate(model, task, specs, control=args.controls > 0,
-                          n_controls=max(args.controls, 1), control_exclude=exclude,
-                          seed=args.seed, path=args.path, progress=not args.quiet,
-                          **common)  # fmt: skip
+        try:
+            result = evaluate(model, task, specs, control=args.controls > 0,
+                              n_controls=max(args.controls, 1), control_exclude=exclude,
+                              seed=args.seed, path=args.path, progress=not args.quiet,
+                              **common)  # fmt: skip
+        except NoControlError as e:  # name the flag, not the API argument
+            raise InterventionError(e.for_cli()) from None
         print(result.summary())
         payload = result.to_dict()
+    elif args.knockout_curve:
+        try:
+            curve = knockout_curve(model, task, _score_table(args, model),
+                                   ks=args.ks or KNOCKOUT_KS, kind=args.kind, options=options,
+                                   n_controls=args.controls, seed=args.seed, path=args.path,
+                                   progress=not args.quiet, **common)  # fmt: skip
+        except NoControlError as e:
+            raise InterventionError(e.for_cli()) from None
+        print(curve.summary())
+        payload = curve.to_dict()
+        if args.plot:
+            page = curve.plot().to_html(include_plotlyjs="cdn")
+            print(f"figure: {atomic_write_text(Path(args.plot), page)}")
     elif args.sweep:
         frame = sweep(model, task, _heads_option(args, model), kind=args.sweep, options=options,
                       seed=args.seed, path=args.path, progress=not args.quiet,

@@ -611,3 +611,86 @@ def effect_bars(table: pd.DataFrame, *, confidence: float, title: str = "") -> g
     return apply_style(
         fig, height=320, title=title or f"change of each metric ({pct}% bootstrap CI)"
     )
+
+
+def knockout_figure(
+    table: pd.DataFrame, metric: str, *, baseline: float, confidence: float, title: str = ""
+) -> go.Figure:
+    """The top-k knock-out curve: ``metric`` with the k highest-scoring heads knocked out, and
+    with as many random heads, against k (Wu et al. 2024's and DuoAttention's test).
+
+    ``table`` has one row per k and the columns of
+    :attr:`interventions.evaluation.KnockoutCurve.table`: ``k``, ``all_labelled``, and for the
+    metric ``<m>_intervened``, ``<m>_ci_low``/``<m>_ci_high`` (of the difference), ``<m>_control``,
+    its CI, and ``<m>_control_draw_min``/``_max`` (the random draws' range, drawn as a band).
+    The x axis is categorical (the row of all labelled heads says so); the baseline is a dashed
+    line.
+    """
+    pct = round(100 * confidence)
+    x = [
+        f"{k} (all labelled)" if flag else str(k)
+        for k, flag in zip(table["k"], table["all_labelled"], strict=True)
+    ]
+    fig = go.Figure()
+    low = baseline + table[f"{metric}_control_draw_min"].to_numpy(dtype=float)
+    high = baseline + table[f"{metric}_control_draw_max"].to_numpy(dtype=float)
+    fig.add_trace(
+        go.Scatter(x=x, y=high, mode="lines", line={"width": 0}, showlegend=False, hoverinfo="skip")
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=low,
+            mode="lines",
+            line={"width": 0},
+            fill="tonexty",
+            fillcolor="rgba(108, 117, 125, 0.15)",
+            name="range of the random draws",
+            hoverinfo="skip",
+        )
+    )
+    for label, value, prefix, colour in (
+        ("top-k heads", f"{metric}_intervened", f"{metric}_", EFFECT_COLOURS[0]),
+        (
+            "random heads (mean of draws)",
+            f"{metric}_control",
+            f"{metric}_control_",
+            EFFECT_COLOURS[1],
+        ),
+    ):
+        y = table[value].to_numpy(dtype=float)
+        ci_low = baseline + table[prefix + "ci_low"].to_numpy(dtype=float)
+        ci_high = baseline + table[prefix + "ci_high"].to_numpy(dtype=float)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines+markers",
+                name=label,
+                line={"color": colour},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": ci_high - y,
+                    "arrayminus": y - ci_low,
+                },
+                customdata=np.stack([ci_low, ci_high], axis=1),
+                hovertemplate=(
+                    f"{label}, k=%{{x}}: %{{y:.4f}} [%{{customdata[0]:.4f}}, "
+                    "%{customdata[1]:.4f}]<extra></extra>"
+                ),
+            )
+        )
+    fig.add_hline(
+        y=baseline,
+        line={"color": "#adb5bd", "width": 1, "dash": "dash"},
+        annotation_text="no knock-out",
+    )
+    fig.update_layout(
+        xaxis_title="heads knocked out (k)",
+        yaxis_title=metric,
+        legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
+    )
+    return apply_style(
+        fig, height=360, title=title or f"top-k knock-out of {metric} ({pct}% bootstrap CI)"
+    )
