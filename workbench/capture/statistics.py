@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kernels import AttentionStats, stats_from_pattern
+from kernels.reference import key_range
 from workbench.capture.paths import resolve_path, run_with_patterns
 from workbench.capture.streamed import StreamedRecorder
 from workbench.errors import ShapeError
@@ -51,14 +52,12 @@ class QueryLayout:
     def from_mask(
         cls, q_len: int, *, causal: bool, window: int | None = None, chunk: int | None = None
     ) -> QueryLayout:
-        """The layout of a mask (as in :class:`workbench.capture.attention.KeyMask`)."""
-        p, j = torch.arange(q_len)[:, None], torch.arange(q_len)[None]  # [q, 1], [1, k]
-        seen = (j <= p) if causal else torch.ones(q_len, q_len, dtype=torch.bool)
-        if window is not None:
-            seen &= (p - j).abs() < window
-        if chunk is not None:
-            seen &= p // chunk == j // chunk
-        return cls(visible=seen.sum(-1).float(), sees_first=seen[:, 0])
+        """The layout of a mask (as in :class:`workbench.capture.attention.KeyMask`): each
+        query's visible keys are one interval (`kernels.reference.key_range`), so this is O(L)."""
+        first, end = key_range(
+            torch.arange(q_len), q_len, causal=causal, window=window, chunk=chunk
+        )  # [1, q_len] each
+        return cls(visible=(end - first).clamp(min=0)[0].float(), sees_first=(first == 0)[0])
 
     @classmethod
     def from_pattern(cls, pattern: torch.Tensor) -> QueryLayout:
