@@ -7,10 +7,15 @@ and the circuit's logit difference F(C) is compared with the model's F(M). Repor
 
 * ``faithfulness`` = F(C) / F(M) (the paper: 87 % for GPT-2 small's circuit);
 * ``faithfulness_normalized`` = (F(C) - F(∅)) / (F(M) - F(∅)), with F(∅) every head ablated;
+* ``faithfulness_class_circuit``: the same for the heads the class rules chose (without the
+  heads admitted because they make the circuit more faithful, :func:`interventions.ioi.
+  build_circuit`);
+* ``faithfulness_complement`` = F(M \\ C) / F(M): the circuit ablated, every other head intact
+  (the paper's "knock out the circuit"; small when the circuit carries the task);
 * completeness (their §4.2): for a subset K of the circuit, ``|F(C \\ K) - F(M \\ K)| / F(M)``
   should be small; checked for K = each class and a few seeded random halves;
-* minimality (§4.3, with K = ∅): ``(F(C) - F(C \\ {v})) / F(C)`` per head v, which should be
-  clearly positive for every head.
+* minimality (§4.3, with K = ∅): per head v, the drop in faithfulness when v leaves the circuit,
+  ``(F(C) - F(C \\ {v})) / F(M)``, which should be clearly positive for every head.
 
 The overlap of two circuits (Merullo et al. 2023, "Circuit component reuse across tasks":
 ~78 % of in-circuit heads shared between IOI and Colored Objects in GPT-2 medium) is reported as
@@ -20,6 +25,7 @@ the shared heads, their share of each circuit and the Jaccard index.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,10 +158,26 @@ class Circuit:
                 f"difference (normalized {m['faithfulness_normalized']:.1%}); "
                 f"F(C) {m['circuit_logit_diff']:.3f}, F(empty) {m['empty_logit_diff']:.3f}"
             )
-        if "faithfulness_seven_classes" in m:
+        if "faithfulness_class_circuit" in m:
             parts.append(
-                f"without the 'other' heads ({m['seven_class_heads']} heads of the seven "
-                f"classes): {m['faithfulness_seven_classes']:.1%}"
+                f"class circuit ({m['class_circuit_heads']} heads the class rules chose): "
+                f"{m['faithfulness_class_circuit']:.1%}; complement (the circuit ablated): "
+                f"{m['faithfulness_complement']:.1%}"
+            )
+        for step in m.get("greedy", []):
+            parts.append(
+                f"admitted {step['head']} ({step['class']}): faithfulness "
+                f"{step['before']:.1%} -> {step['after']:.1%}"
+            )
+        for left in m.get("left_out", []):
+            parts.append(
+                f"left out {left['head']} ({left['class']}): would give "
+                f"{left['faithfulness_if_added']:.1%}"
+            )
+        if "minimality" in m:
+            parts.append(
+                "minimality (drop in faithfulness without the head): "
+                + ", ".join(f"{h} {v:+.1%}" for h, v in m["minimality"].items())
             )
         return "\n".join([*parts, self.classes_table()])
 
@@ -353,6 +375,27 @@ def overlap(a: Circuit, b: Circuit) -> dict[str, Any]:
 # -- faithfulness ------------------------------------------------------------------------------
 
 
+Head = tuple[int, int]
+
+
+def ablation_scorer(
+    model: Model, clean: TaskDataset, abc: TaskDataset
+) -> Callable[[Iterable[Head]], float]:
+    """``F(K)``: the mean logit difference on ``clean`` with every head *outside* ``K``
+    mean-ablated (template-wise mean over the ABC prompts, per position, of its ``z``); the
+    means are computed once."""
+    info = model.info
+    means = pp.position_means(pp.record(model, abc, patterns=False).z, clean.groups)
+
+    def score(kept: Iterable[Head]) -> float:
+        replaced = torch.ones(info.n_layers, info.n_heads, dtype=torch.bool)
+        for layer, head in kept:
+            replaced[layer, head] = False
+        return float(pp.run_with_replaced_heads(model, clean, means, replaced).mean())
+
+    return score
+
+
 def faithfulness(
     model: Model,
     clean: TaskDataset,
@@ -361,61 +404,53 @@ def faithfulness(
     checks: bool = True,
     n_random: int = 3,
     seed: int = 0,
+    class_heads: Iterable[Head] | None = None,
+    scorer: Callable[[Iterable[Head]], float] | None = None,
 ) -> dict[str, Any]:
     """Mean-ablate every head outside ``circuit`` (template-wise ABC mean by position) and report
-    the share of the logit difference kept, plus completeness/minimality with ``checks``."""
+    the share of the logit difference kept, that of ``class_heads`` (the heads the class rules
+    chose; default the whole circuit) and that of the complement, plus completeness and
+    minimality with ``checks`` (module docstring). ``scorer``: an :func:`ablation_scorer` of the
+    same prompts, to reuse its means."""
     info = model.info
-    means = pp.position_means(pp.record(model, abc, patterns=False).z, clean.groups)
-    in_circuit = torch.zeros(info.n_layers, info.n_heads, dtype=torch.bool)
-    for layer, head in circuit.head_set:
-        in_circuit[layer, head] = True
-
-    def f(replaced: torch.Tensor) -> float:
-        return float(pp.run_with_replaced_heads(model, clean, means, replaced).mean())
-
-    nothing = torch.zeros_like(in_circuit)
-    f_model, f_circuit, f_empty = f(nothing), f(~in_circuit), f(~nothing)
+    f = scorer or ablation_scorer(model, clean, abc)
+    every = [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
+    members = sorted(circuit.head_set)
+    chosen = sorted(set(members if class_heads is None else class_heads))
+    f_model, f_circuit, f_empty = f(every), f(members), f([])
+    f_complement = f(sorted(set(every) - set(members)))
     out: dict[str, Any] = {
         "model_logit_diff": f_model,
         "circuit_logit_diff": f_circuit,
         "empty_logit_diff": f_empty,
         "faithfulness": f_circuit / f_model,
         "faithfulness_normalized": (f_circuit - f_empty) / (f_model - f_empty),
+        "class_circuit_heads": len(chosen),
+        "faithfulness_class_circuit": f(chosen) / f_model,
+        "complement_logit_diff": f_complement,
+        "faithfulness_complement": f_complement / f_model,
         "ablation": "template-wise mean over the ABC prompts, per position, of each head's z",
     }
-    in_classes = in_circuit.clone()
-    for h in circuit.heads:
-        if h.role == "other":
-            in_classes[h.layer, h.head] = False
-    if not torch.equal(in_classes, in_circuit):
-        out["seven_class_heads"] = int(in_classes.sum())
-        out["faithfulness_seven_classes"] = f(~in_classes) / f_model
     if not checks or not circuit.heads:
         return out
-    subsets: dict[str, list[tuple[int, int]]] = dict(circuit.by_class())
+    subsets: dict[str, list[Head]] = dict(circuit.by_class())
     rng = np.random.default_rng(seed)
-    members = sorted(circuit.head_set)
     for i in range(n_random if len(members) > 1 else 0):
         pick = rng.choice(len(members), size=len(members) // 2, replace=False)
         subsets[f"random half {i}"] = [members[j] for j in sorted(pick)]
     completeness = {}
     for name, heads in subsets.items():
-        k = torch.zeros_like(in_circuit)
-        for layer, head in heads:
-            k[layer, head] = True
-        f_c_k, f_m_k = f(~in_circuit | k), f(k)
+        f_c_k = f(sorted(set(members) - set(heads)))
+        f_m_k = f(sorted(set(every) - set(heads)))
         completeness[name] = {
             "F(C\\K)": f_c_k,
             "F(M\\K)": f_m_k,
             "gap": abs(f_c_k - f_m_k) / abs(f_model),
         }
-    minimality = {}
-    for layer, head in members:
-        without = ~in_circuit
-        without = without.clone()
-        without[layer, head] = True
-        minimality[f"{layer}.{head}"] = (f_circuit - f(without)) / abs(f_circuit)
     out["completeness"] = completeness
     out["completeness_max_gap"] = max(c["gap"] for c in completeness.values())
-    out["minimality"] = minimality
+    out["minimality"] = {
+        f"{layer}.{head}": (f_circuit - f([h for h in members if h != (layer, head)])) / f_model
+        for layer, head in members
+    }
     return out

@@ -34,6 +34,24 @@ Cost control on large models: exact activation patching runs for the ``exact_hea
 the largest attribution-patching estimates (all heads when the model has at most that many), and
 path patching uses as senders the ``max_senders`` heads with the largest |activation-patching|
 effect plus every head whose attention matches a sender class, in layers below the receivers.
+
+Circuit rules beyond the seven classes (issue 16; :func:`build_circuit`):
+
+* a head that meets no class rule but has a large effect is :data:`OTHER` when its strongest
+  effect helps the answer (lowers the logit difference when corrupted) and :data:`NEGATIVE` when
+  it pushes against it; neither enters the circuit by default. They are offered greedily: the
+  candidate that brings the circuit's faithfulness F(C)/F(M) closest to 1 enters, as long as it
+  brings it closer; the order and each step's faithfulness are reported (``metrics["greedy"]``),
+  and so is every candidate left out;
+* a class must agree with the head's strongest evidence: the effect through the path its class
+  is defined by (direct path for the name movers, ``backup_gain`` for backups, ``pp_nm_q`` for
+  S-inhibition, ``pp_sinh_v`` for induction and duplicate-token heads, ``pp_ind_k`` for
+  previous-token heads) must be at least as large as its effect through any other path, else the
+  head is :data:`AMBIGUOUS`, its ``ambiguity`` naming both numbers (it stays in the circuit: a
+  class rule chose it);
+* faithfulness is reported for the class circuit (the heads the class rules chose), the full
+  circuit and its complement, and minimality per head
+  (:func:`interventions.circuit.faithfulness`).
 """
 
 from __future__ import annotations
@@ -47,7 +65,13 @@ import pandas as pd
 import torch
 
 from interventions import path_patching as pp
-from interventions.circuit import Circuit, CircuitEdge, CircuitHead, faithfulness
+from interventions.circuit import (
+    Circuit,
+    CircuitEdge,
+    CircuitHead,
+    ablation_scorer,
+    faithfulness,
+)
 from interventions.engine import Intervener
 from interventions.specs import ResampleAblation
 from workbench.errors import InterventionError
@@ -65,10 +89,25 @@ CLASSES = (
     "duplicate token",
     "previous token",
 )
-# Heads that matter but fit none of the seven rules (e.g. a head that attends to S2 from END and
-# suppresses S directly in the logits) enter the circuit under this label, so faithfulness counts
-# them; the paper's circuit has no such heads.
+# Heads that matter but fit none of the seven rules: OTHER when their strongest effect helps the
+# answer (e.g. a head that attends to S2 from END and suppresses S directly in the logits),
+# NEGATIVE when it pushes against it. They enter the circuit only when they make it more faithful
+# (build_circuit); the paper's circuit has no such heads.
 OTHER = "other"
+NEGATIVE = "negative"
+# A head whose class rule holds but whose strongest evidence runs through another path.
+AMBIGUOUS = "ambiguous"
+# The evidence each class is defined by (its path), and the paths every head is compared on.
+CLASS_EVIDENCE = {
+    "name mover": "direct_effect",
+    "negative name mover": "direct_effect",
+    "backup name mover": "backup_gain",
+    "s-inhibition": "pp_nm_q",
+    "induction": "pp_sinh_v",
+    "duplicate token": "pp_sinh_v",
+    "previous token": "pp_ind_k",
+}
+PATHS = ("direct_effect", "pp_nm_q", "pp_sinh_v", "pp_ind_k")
 # GPT-2 small's classes as published (Wang et al. 2022; ACDC acdc/ioi/utils.py).
 GPT2_SMALL_IOI = {
     "name mover": [(9, 9), (9, 6), (10, 0)],
@@ -95,8 +134,10 @@ class Rules:
     - induction: ``pp_sinh_v <= -path_effect`` and ``s2_s1p1 >= attend_induction``
     - duplicate token: ``pp_sinh_v <= -path_effect`` and ``s2_s1 >= attend_duplicate``
     - previous token: ``pp_ind_k <= -path_effect`` and ``s1p1_s1 >= attend_previous``
-    - other (none of the above): ``|act_patch| >= other_effect`` or ``|direct_effect| >=
-      other_effect`` (``attr_patch`` stands in where ``act_patch`` was not computed)
+    - other / negative (none of the above): ``|act_patch| >= other_effect`` or
+      ``|direct_effect| >= other_effect`` (``attr_patch`` stands in where ``act_patch`` was not
+      computed); the sign of the larger of the two says which: negative (helps the answer) is
+      ``other``, positive (pushes against it) is ``negative``
     """
 
     attend_io: float = 0.2
@@ -123,8 +164,14 @@ class Rules:
             f"{self.attend_duplicate}",
             "previous token": f"pp_ind_k <= -{self.path_effect} and s1p1_s1 >= "
             f"{self.attend_previous}",
-            OTHER: f"no class above and (|act_patch| >= {self.other_effect} or "
-            f"|direct_effect| >= {self.other_effect})",
+            OTHER: f"no class above and the larger of act_patch, direct_effect <= "
+            f"-{self.other_effect} (helps the answer); enters the circuit only if it makes it "
+            "more faithful",
+            NEGATIVE: f"no class above and the larger of act_patch, direct_effect >= "
+            f"{self.other_effect} (pushes against the answer); enters the circuit only if it "
+            "makes it more faithful",
+            AMBIGUOUS: "a class rule holds but the head's effect through another path is larger "
+            "than through its class's path (" + ", ".join(PATHS) + ", backup_gain)",
         }
 
     def matches(self, row: pd.Series) -> list[str]:
@@ -155,7 +202,8 @@ class Rules:
 
 def classify(table: pd.DataFrame, rules: Rules) -> pd.Series:
     """One class per head: the first class of :data:`CLASSES` whose rule holds, else
-    :data:`OTHER` for a head with a large effect, else ``""``."""
+    :data:`OTHER` or :data:`NEGATIVE` for a head with a large effect (by the sign of its larger
+    effect), else ``""``."""
 
     def one(row: pd.Series) -> str:
         matched = rules.matches(row)
@@ -165,9 +213,34 @@ def classify(table: pd.DataFrame, rules: Rules) -> pd.Series:
         if np.isnan(total):
             total = row.get("attr_patch", np.nan)
         effects = np.nan_to_num([total, row.get("direct_effect", np.nan)], nan=0.0)
-        return OTHER if np.abs(effects).max() >= rules.other_effect else ""
+        strongest = effects[np.argmax(np.abs(effects))]
+        if abs(strongest) < rules.other_effect:
+            return ""
+        return OTHER if strongest < 0 else NEGATIVE
 
     return table.apply(one, axis=1)
+
+
+def ambiguity(row: pd.Series, role: str) -> str:
+    """``""`` when the head's class agrees with its strongest evidence (see the module
+    docstring), else the conflicting numbers, e.g. ``"s-inhibition by pp_nm_q -0.041, but
+    direct_effect -0.183"``."""
+    own = CLASS_EVIDENCE.get(role)
+    if own is None:
+        return ""
+    value = float(np.nan_to_num(row.get(own, np.nan), nan=0.0))
+    others = [
+        p for p in PATHS if p != own and not (role == "backup name mover" and p == "direct_effect")
+    ]
+    stronger = [
+        (p, float(row[p]))
+        for p in others
+        if np.isfinite(row.get(p, np.nan)) and abs(row[p]) > abs(value)
+    ]
+    if not stronger:
+        return ""
+    conflicts = ", ".join(f"{p} {v:+.3f}" for p, v in stronger)
+    return f"{role} by {own} {value:+.3f}, but {conflicts}"
 
 
 @dataclass
@@ -373,7 +446,9 @@ def collect_evidence(
     classes = classify(table, rules)
     induction = [h for h, c in classes.items() if c == "induction"]
     patch_into(induction, "k", "S1+1", "pp_ind_k", [("s1p1_s1", rules.attend_previous)])
-    table["class"] = classify(table, rules)
+    table["rule_class"] = classify(table, rules)
+    table["ambiguity"] = [ambiguity(r, r["rule_class"]) for _, r in table.iterrows()]
+    table["class"] = table["rule_class"].where(table["ambiguity"] == "", AMBIGUOUS)
     return Evidence(table, metrics, notes, path_results)
 
 
@@ -407,23 +482,37 @@ def build_circuit(
     rules: Rules,
     checks: bool = True,
 ) -> Circuit:
-    """The circuit of the classified heads: nodes, edges from path patching and the direct path,
-    faithfulness (and, with ``checks``, completeness and minimality)."""
+    """The circuit of the classified heads: the class circuit (the seven classes and the
+    ambiguous heads), then :data:`OTHER` and :data:`NEGATIVE` heads admitted greedily while they
+    make it more faithful (:func:`admit_greedily`); nodes, edges from path patching and the
+    direct path, faithfulness of the class circuit, the circuit and its complement (and, with
+    ``checks``, completeness and minimality)."""
     table = evidence.table
-    evidence_cols = [c for c in table.columns if c != "class"]
+    score = ablation_scorer(model, clean, abc)
+    classes = table["class"]
+    class_heads = [h for h, c in classes.items() if c and c not in (OTHER, NEGATIVE)]
+    candidates = [h for h, c in classes.items() if c in (OTHER, NEGATIVE)]
+    every = list(table.index)
+    admitted, greedy, left_out = admit_greedily(score, class_heads, candidates, score(every))
+    for step in [*greedy, *left_out]:
+        step["class"] = str(classes[step["layer"], step["head_index"]])
+    table["in_circuit"] = [h in {*class_heads, *admitted} for h in table.index]
+    evidence_cols = [c for c in table.columns if c not in ("class", "in_circuit")]
     heads = [
         CircuitHead(
             int(layer), int(head), str(row["class"]), {c: _plain(row[c]) for c in evidence_cols}
         )
         for (layer, head), row in table.iterrows()
-        if row["class"]
+        if row["in_circuit"]
     ]
-    by_class: dict[str, list[Head]] = {}
+    by_rule: dict[str, list[Head]] = {}
     for h in heads:
-        by_class.setdefault(h.role, []).append((h.layer, h.head))
+        by_rule.setdefault(str(h.evidence["rule_class"]), []).append((h.layer, h.head))
     edges = []
+    direct = ("name mover", "negative name mover", "backup name mover", OTHER, NEGATIVE)
     for h in heads:
-        if h.role in ("name mover", "negative name mover", "backup name mover", OTHER):
+        strongest = max(PATHS, key=lambda p: abs(h.evidence.get(p) or 0.0))  # None: not measured
+        if h.evidence["rule_class"] in direct or (h.role == AMBIGUOUS and strongest == PATHS[0]):
             edges.append(CircuitEdge(h.name, "logits", "direct", h.evidence["direct_effect"]))
     targets = {
         "pp_nm_q": ("name mover", "q", ("s-inhibition",)),
@@ -432,26 +521,69 @@ def build_circuit(
     }
     for col, (receiver_class, via, sender_classes) in targets.items():
         for h in heads:
-            if h.role in sender_classes:
-                for layer, head in by_class.get(receiver_class, []):
+            if h.evidence["rule_class"] in sender_classes:
+                for layer, head in by_rule.get(receiver_class, []):
                     edges.append(
                         CircuitEdge(h.name, f"{layer}.{head}", via, h.evidence.get(col, np.nan))
                     )
+    notes = list(evidence.notes)
+    notes += [
+        f"{layer}.{head} is ambiguous: {text}"
+        for (layer, head), text in table["ambiguity"].items()
+        if text and table.loc[(layer, head), "in_circuit"]
+    ]
     circuit = Circuit(
         model=model.info.to_dict(),
         task=clean.summary(),
         heads=heads,
         edges=edges,
-        metrics=dict(evidence.metrics),
+        metrics={**evidence.metrics, "greedy": greedy, "left_out": left_out},
         rules={"thresholds": asdict(rules), "rules": rules.describe()},
-        notes=list(evidence.notes),
+        notes=notes,
         evidence=[
             {"layer": int(layer), "head": int(head), **{c: _plain(row[c]) for c in table.columns}}
             for (layer, head), row in table.iterrows()
         ],
     )
-    circuit.metrics.update(faithfulness(model, clean, abc, circuit, checks=checks))
+    kept = faithfulness(
+        model, clean, abc, circuit, checks=checks, class_heads=class_heads, scorer=score
+    )
+    circuit.metrics.update(kept)
     return circuit
+
+
+def admit_greedily(
+    score: Callable[[list[Head]], float],
+    base: list[Head],
+    candidates: list[Head],
+    f_model: float,
+) -> tuple[list[Head], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Grow ``base`` by ``candidates`` one at a time: each step adds the candidate that brings
+    the faithfulness ``score(heads) / f_model`` closest to 1, as long as it brings it closer.
+    Returns the admitted heads, the steps in order (``head`` as ``"l.h"``, ``layer``,
+    ``head_index``, ``before``, ``after``: faithfulness) and the candidates left out with the
+    faithfulness each would have given at the last step (``faithfulness_if_added``).
+    ``score(heads)``: the metric with every head but ``heads`` ablated."""
+    current = list(base)
+    now = score(current) / f_model
+    remaining = sorted(candidates)
+    steps: list[dict[str, Any]] = []
+    tried: dict[Head, float] = {}
+    while remaining:
+        tried = {c: score([*current, c]) / f_model for c in remaining}
+        best = min(remaining, key=lambda c: (abs(1 - tried[c]), c))
+        if abs(1 - tried[best]) >= abs(1 - now):
+            break
+        steps.append({**_named(best), "before": now, "after": tried[best]})
+        current.append(best)
+        remaining.remove(best)
+        now = tried[best]
+    left = [{**_named(c), "faithfulness_if_added": tried.get(c, now)} for c in remaining]
+    return current[len(base) :], steps, left
+
+
+def _named(head: Head) -> dict[str, Any]:
+    return {"head": f"{head[0]}.{head[1]}", "layer": int(head[0]), "head_index": int(head[1])}
 
 
 def _plain(value: Any) -> Any:

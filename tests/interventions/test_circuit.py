@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import workbench
-from interventions.circuit import Circuit, CircuitEdge, CircuitHead, faithfulness, overlap
+from interventions.circuit import (
+    Circuit,
+    CircuitEdge,
+    CircuitHead,
+    ablation_scorer,
+    faithfulness,
+    overlap,
+)
 from workbench.errors import InterventionError, RunMismatchError
 from workbench.store import RunWriter, open_run
 from workbench.tasks.ioi import toy_task
@@ -115,3 +122,19 @@ def test_faithfulness_of_the_whole_model_is_one_and_of_nothing_is_the_floor(tmp_
     assert set(checked["minimality"]) == {"0.0", "0.1", "0.2"}
     assert "name mover" in checked["completeness"]
     json.dumps(checked)  # plain types only
+    # the complement of everything is nothing; of nothing, everything
+    assert full["faithfulness_complement"] == pytest.approx(
+        full["empty_logit_diff"] / full["model_logit_diff"], abs=1e-6
+    )
+    assert empty["faithfulness_complement"] == pytest.approx(1.0, abs=1e-5)
+    # minimality: the drop in faithfulness F(C)/F(M) when one head leaves the circuit
+    score = ablation_scorer(model, clean, abc)
+    without = score([(0, 1), (0, 2)])
+    assert checked["minimality"]["0.0"] == pytest.approx(
+        (checked["circuit_logit_diff"] - without) / checked["model_logit_diff"], abs=1e-6
+    )
+    classes = faithfulness(model, clean, abc, some, checks=False, class_heads=[(0, 0)])
+    assert classes["class_circuit_heads"] == 1
+    assert classes["faithfulness_class_circuit"] == pytest.approx(
+        score([(0, 0)]) / classes["model_logit_diff"], abs=1e-6
+    )

@@ -11,7 +11,18 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import workbench
 from interventions.circuit import Circuit
-from interventions.ioi import CLASSES, GPT2_SMALL_IOI, OTHER, Rules, classify, find_circuit
+from interventions.ioi import (
+    AMBIGUOUS,
+    CLASSES,
+    GPT2_SMALL_IOI,
+    NEGATIVE,
+    OTHER,
+    Rules,
+    admit_greedily,
+    ambiguity,
+    classify,
+    find_circuit,
+)
 from workbench.cli import main
 from workbench.errors import InterventionError, TaskBuildError
 from workbench.tasks.toy import IndirectObject
@@ -40,6 +51,7 @@ def test_each_rule_picks_its_class_and_nothing_else():
         "previous token": row(s1p1_s1=0.6, pp_ind_k=-0.1),
         "": row(end_io=0.5),  # attends to IO but has no effect: no class
         "other": row(end_s2=0.6, direct_effect=-0.3),  # large effect, no class's attention
+        "negative": row(direct_effect=0.3),  # pushes against the answer: never "other"
     }
     table = pd.DataFrame([cases[k] for k in cases], index=list(cases))
     assert classify(table, r).tolist() == list(cases)
@@ -57,8 +69,57 @@ def test_first_class_wins_and_thresholds_are_in_one_place():
     assert classify(pd.DataFrame([both]), r).tolist() == ["name mover"]
     strict = Rules(attend_io=0.6)
     assert strict.matches(both) == []
-    assert set(r.describe()) == {*CLASSES, OTHER}
+    assert set(r.describe()) == {*CLASSES, OTHER, NEGATIVE, AMBIGUOUS}
     assert "0.6" in strict.describe()["name mover"]
+
+
+def test_negative_heads_follow_the_sign_of_the_larger_effect():
+    r = Rules()
+    # Issue 16: heads writing against the answer (DLA -0.93, -1.58) were classed 'other'.
+    cases = [
+        (row(direct_effect=0.17, act_patch=0.05), NEGATIVE),
+        (row(direct_effect=0.05, act_patch=-0.3), OTHER),  # total effect helps, and is larger
+        (row(direct_effect=-0.05, act_patch=0.2), NEGATIVE),
+        (row(direct_effect=0.05, act_patch=np.nan, attr_patch=0.2), NEGATIVE),
+        (row(direct_effect=0.09, act_patch=-0.09), ""),  # both below other_effect
+    ]
+    table = pd.DataFrame([c for c, _ in cases])
+    assert classify(table, r).tolist() == [expected for _, expected in cases]
+
+
+def test_a_class_must_agree_with_the_strongest_evidence():
+    # Issue 16: the head with the largest direct effect was classed S-inhibition.
+    strong_direct = pd.Series(row(end_s2=0.6, pp_nm_q=-0.04, direct_effect=-0.34))
+    assert Rules().matches(strong_direct)[0] == "s-inhibition"
+    text = ambiguity(strong_direct, "s-inhibition")
+    assert text == "s-inhibition by pp_nm_q -0.040, but direct_effect -0.340"
+    assert ambiguity(pd.Series(row(pp_nm_q=-0.2, direct_effect=-0.1)), "s-inhibition") == ""
+    # backup name movers are direct writers with small direct effects by definition
+    backup = pd.Series(row(backup_gain=0.1, direct_effect=-0.3, pp_nm_q=np.nan))
+    assert ambiguity(backup, "backup name mover") == ""
+    assert ambiguity(pd.Series(row(pp_nm_q=-0.5)), OTHER) == ""  # no class, nothing to agree
+
+
+def test_greedy_admission_adds_only_heads_that_make_the_circuit_more_faithful():
+    # F(K) = sum of each kept head's contribution; the model's F(M) = 10 with every head.
+    part = {(0, 0): 4.0, (0, 1): 3.0, (1, 0): 2.0, (1, 1): 2.0, (1, 2): -1.0}
+
+    def score(heads):
+        return sum(part[h] for h in set(heads))
+
+    admitted, steps, left = admit_greedily(score, [(0, 0)], [(0, 1), (1, 0), (1, 1), (1, 2)], 10.0)
+    # 0.4 -> 0.7 (0.1 adds 3) -> 0.9 (1.0 adds 2); then 1.1 would give 1.1, no closer to 1 than
+    # 0.9, and the negative 1.2 would give 0.8: both stay out
+    assert admitted == [(0, 1), (1, 0)]
+    assert [(s["head"], round(s["before"], 2), round(s["after"], 2)) for s in steps] == [
+        ("0.1", 0.4, 0.7),
+        ("1.0", 0.7, 0.9),
+    ]
+    assert {x["head"]: round(x["faithfulness_if_added"], 2) for x in left} == {
+        "1.1": 1.1,
+        "1.2": 0.8,
+    }
+    assert admit_greedily(score, [(0, 0)], [], 10.0) == ([], [], [])
 
 
 def test_published_gpt2_classes_cover_the_seven_classes():
@@ -105,6 +166,17 @@ def test_pipeline_runs_every_step_and_round_trips(tiny_dir):
     assert circuit.metrics["clean_logit_diff"] > 0
     assert 0 <= circuit.metrics["n_prompts"] == 6
     assert "completeness" in circuit.metrics and "minimality" in circuit.metrics
+    m = circuit.metrics
+    for key in ("faithfulness", "faithfulness_class_circuit", "faithfulness_complement"):
+        assert np.isfinite(m[key]), key
+    assert set(m["minimality"]) == {h.name for h in circuit.heads}
+    # every head outside the seven classes is 'other' or 'negative', in only when admitted
+    admitted = {s["head"] for s in m["greedy"]}
+    for h in circuit.heads:
+        if h.role in (OTHER, NEGATIVE):
+            assert h.name in admitted
+    assert table.loc[table["in_circuit"], "class"].ne("").all()
+    assert all(s["after"] != s["before"] for s in m["greedy"])
     again = Circuit.from_json(circuit.to_json())
     assert again.to_dict() == json.loads(circuit.to_json())
 
