@@ -78,6 +78,7 @@ from transformers.pytorch_utils import Conv1D
 from probes.basic import BASIC, as_numpy, basic_measurement
 from workbench.capture import (
     AttentionCall,
+    QueryLayout,
     StreamedRecorder,
     layer_of,
     resolve_path,
@@ -106,13 +107,6 @@ SINK_STATISTICS: dict[str, str] = {
 }
 
 
-def queries_seeing_keys(n: int, causal: bool) -> torch.Tensor:
-    """``[k_pos]`` number of queries that can see each key (N − k causal, N bidirectional)."""
-    if causal:
-        return torch.arange(n, 0, -1, dtype=torch.float32)
-    return torch.full((n,), float(n))
-
-
 def sink_statistics(
     model: Model,
     token_ids: torch.Tensor,
@@ -127,13 +121,15 @@ def sink_statistics(
     if n < 2:
         raise ShapeError(f"the sinks statistics need prompts of >= 2 tokens, got {n}")
     out: dict[str, np.ndarray] = {}
-    seen_by = queries_seeing_keys(n, info.causal)  # [k_pos]
-    candidate = (torch.arange(n) >= 1) & (seen_by >= min_queries)  # [k_pos]
     hidden: list[dict[str, np.ndarray]] = [{}] * info.n_layers
     values: list[torch.Tensor] = [torch.empty(0)] * info.n_layers  # [pos, head] per layer
     residual: list[torch.Tensor] = [torch.empty(0)] * info.n_layers  # [pos] per layer
 
-    def on_received(layer: int, received: torch.Tensor) -> None:  # [head, k_pos] column sums
+    def on_received(layer: int, received: torch.Tensor, layout: QueryLayout) -> None:
+        # received: [head, k_pos] column sums; layout.seen_by: [k_pos] queries that see key k
+        # (N - k for a global causal layer; fewer behind a local window or in a chunk)
+        seen_by = layout.seen_by.clamp(min=1)
+        candidate = (torch.arange(n) >= 1) & (layout.seen_by >= min_queries)  # [k_pos]
         hidden[layer] = _hidden_sinks(received.float().cpu() / seen_by, candidate, token_ids)
 
     if resolve_path(path, n) == "pattern":
@@ -150,7 +146,12 @@ def sink_statistics(
         extra = [(f"blocks.{layer}.attn.hook_v", on_v) for layer in range(info.n_layers)]
         extra += [(f"blocks.{layer}.hook_resid_pre", on_resid) for layer in range(info.n_layers)]
         run_with_patterns(
-            model, token_ids, lambda layer, pattern: on_received(layer, pattern.sum(1)), extra
+            model,
+            token_ids,
+            lambda layer, pattern: on_received(
+                layer, pattern.sum(1), QueryLayout.from_pattern(pattern)
+            ),
+            extra,
         )
         w_o = model.bridge().W_O.detach()  # [layer, head, d_v, d_model], after the forward
         values = [_written_norms(v, w_o[layer]) for layer, v in enumerate(raw_values)]
@@ -276,7 +277,9 @@ class _OutputProjections:
 
 @torch.no_grad()
 def _streamed_sinks(
-    model: Model, token_ids: torch.Tensor, on_received: Callable[[int, torch.Tensor], None]
+    model: Model,
+    token_ids: torch.Tensor,
+    on_received: Callable[[int, torch.Tensor, QueryLayout], None],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Streamed path: received attention from the kernels, value norms from the values the
     attention function receives and the linear layer that reads its output
@@ -308,8 +311,11 @@ def _streamed_sinks(
             f"layers {missing} of {info.architecture} unchanged (an output gate or a quantised "
             "projection), so they have no W_O for its value norms; use path='pattern'"
         )
+    n = int(token_ids.numel())
     for layer, received in enumerate(rec.received):  # [1, head, k_pos]
-        on_received(layer, received[0])
+        mask = rec.masks[layer]
+        layout = QueryLayout.from_mask(n, causal=info.causal, window=mask.window, chunk=mask.chunk)
+        on_received(layer, received[0], layout)
     values = [projections.norms[layer] for layer in layers]
     residual = [h[0].float().norm(dim=-1).cpu() for h in hidden_states[: info.n_layers]]
     return values, residual
@@ -353,7 +359,20 @@ class FirstTokenSinkProbe:
                 "sink_rate_per_prompt": float((alpha > self.epsilon).mean()),
             },
         )
-        return [table]
+        learned = stats[BASIC].get("learned_sink_mass")  # [n_prompts, n_layers, n_heads]
+        if learned is None or not np.nanmax(learned) > 0:
+            return [table]  # no learned sink logits (every model but gpt-oss-like ones)
+        learned_table = ScoreTable.from_items(
+            name="learned_sink",
+            per_item=learned,
+            definition="learned sink: mean over queries of the probability on the head's learned "
+            "sink logit (gpt-oss s_aux, a softmax slot without a value), averaged over prompts; "
+            "a sink when it exceeds epsilon, as for the first-token sink",
+            threshold=self.epsilon,
+            label="learned_sink",
+            parameters={"epsilon": self.epsilon},
+        )
+        return [table, learned_table]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from probes.sinks import HIDDEN_SINK_THRESHOLD, _written_norms, head_blocks, sink_statistics
 from tests.architectures.families import BY_NAME, build, prompt_ids, tokenizer
+from workbench.capture import head_statistics
 from workbench.errors import CaptureError, ShapeError
 from workbench.models import Model, from_hf
 from workbench.scanner import scan
@@ -185,3 +186,25 @@ def test_written_norms_are_norms_of_v_times_w_o(n_kv, group, d_v, d_model, pos, 
         heads_side_by_side[h, :, h * d_v : (h + 1) * d_v] = v[:, h // group]
     want = (projection(heads_side_by_side) - projection.bias).norm(dim=-1).T  # [pos, head]
     torch.testing.assert_close(_written_norms(v, w_o), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["pattern", "streamed"])
+def test_learned_sinks_get_their_own_table(path):
+    """gpt-oss's learned sink logits: the sink probe adds a ``learned_sink`` table whose scores
+    are the per-prompt means of the capture layer's ``learned_sink_mass`` (both paths); a model
+    without learned sinks gets no such table."""
+    texts = tuple(tokenizer().decode(prompt_ids()[0, 1:]).split(" ")[i::2] for i in range(2))
+    prompts = PromptSet("learned", tuple(" ".join(words) for words in texts))
+    gpt_oss = from_hf(build(BY_NAME["gpt-oss"]), tokenizer(), name="matrix-gpt-oss")
+    result = scan(gpt_oss, prompts, probes="sink", path=path, progress=False)
+    table = result.tables["learned_sink"]
+    per_prompt = [
+        head_statistics(gpt_oss, gpt_oss.tokenize(text), path=path)["learned_sink_mass"]
+        for text in prompts.texts
+    ]
+    np.testing.assert_allclose(table.values, np.mean(per_prompt, axis=0), atol=1e-6)
+    assert table.values.min() > 0 and table.values.max() < 1
+    llama = from_hf(build(BY_NAME["llama"]), tokenizer(), name="matrix-llama")
+    assert (
+        "learned_sink" not in scan(llama, prompts, probes="sink", path=path, progress=False).tables
+    )

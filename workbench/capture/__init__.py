@@ -25,7 +25,7 @@ from workbench.capture.paths import (
     run_streamed,
     run_with_patterns,
 )
-from workbench.capture.statistics import STATISTICS, head_statistics, reduce_stats
+from workbench.capture.statistics import STATISTICS, QueryLayout, head_statistics, reduce_stats
 from workbench.capture.streamed import StreamedRecorder
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "STATISTICS",
     "AttentionCall",
     "KeyMask",
+    "QueryLayout",
     "StreamedRecorder",
     "attend",
     "head_statistics",

@@ -41,12 +41,14 @@ STATISTICS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class QueryLayout:
-    """Which keys each query of one layer sees: ``visible [q_pos]`` (how many keys) and
-    ``sees_first [q_pos]`` (whether the first key is among them). Global causal layers see
-    ``i + 1`` keys and always the first; local and chunked layers fewer."""
+    """Which keys each query of one layer sees: ``visible [q_pos]`` (how many keys),
+    ``sees_first [q_pos]`` (whether the first key is among them) and ``seen_by [k_pos]`` (how
+    many queries see each key). Global causal layers see ``i + 1`` keys and always the first;
+    local and chunked layers fewer."""
 
     visible: torch.Tensor  # [q_pos] float32
     sees_first: torch.Tensor  # [q_pos] bool
+    seen_by: torch.Tensor  # [k_pos] float32
 
     @classmethod
     def from_mask(
@@ -56,8 +58,19 @@ class QueryLayout:
         query's visible keys are one interval (`kernels.reference.key_range`), so this is O(L)."""
         first, end = key_range(
             torch.arange(q_len), q_len, causal=causal, window=window, chunk=chunk
-        )  # [1, q_len] each
-        return cls(visible=(end - first).clamp(min=0)[0].float(), sees_first=(first == 0)[0])
+        )  # [1, q_len] each, both non-decreasing in the position
+        first, end = first[0], end[0]
+        keys = torch.arange(q_len)
+        # queries that see key k: those whose interval starts at or before k, minus those whose
+        # interval ends at or before k (both counts by binary search on the sorted bounds)
+        seen_by = torch.searchsorted(first, keys, right=True) - torch.searchsorted(
+            end, keys, right=True
+        )
+        return cls(
+            visible=(end - first).clamp(min=0).float(),
+            sees_first=first == 0,
+            seen_by=seen_by.float(),
+        )
 
     @classmethod
     def from_pattern(cls, pattern: torch.Tensor) -> QueryLayout:
@@ -65,7 +78,11 @@ class QueryLayout:
         probability exactly 0 in every head (a visible key underflows to 0 in no realistic head,
         let alone in all heads of a layer at once)."""
         seen = (pattern > 0).any(0)  # [q_pos, k_pos]
-        return cls(visible=seen.sum(-1).float().cpu(), sees_first=seen[:, 0].cpu())
+        return cls(
+            visible=seen.sum(-1).float().cpu(),
+            sees_first=seen[:, 0].cpu(),
+            seen_by=seen.sum(0).float().cpu(),
+        )
 
 
 def reduce_stats(stats: AttentionStats, layout: QueryLayout) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workbench import capture
+from workbench.capture.statistics import QueryLayout
 from workbench.tasks.corpus import corpus
 
 
@@ -48,7 +49,8 @@ def test_query_layout_from_mask_counts_the_visible_keys(q_len, causal, window, c
         seen &= (p - j).abs() < window
     if chunk is not None:
         seen &= p // chunk == j // chunk
-    layout = capture.statistics.QueryLayout.from_mask(q_len, causal=causal, window=window,
-                                                      chunk=chunk)  # fmt: skip
+    layout = QueryLayout.from_mask(q_len, causal=causal, window=window, chunk=chunk)
     assert torch.equal(layout.visible, seen.sum(-1).float())
     assert torch.equal(layout.sees_first, seen[:, 0])
+    assert torch.equal(layout.seen_by, seen.sum(0).float())
+    assert torch.equal(layout.visible, QueryLayout.from_pattern(seen[None].float()).visible)
