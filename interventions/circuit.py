@@ -38,23 +38,13 @@ import torch
 from interventions import path_patching as pp
 from workbench.atomic import atomic_write_text
 from workbench.errors import InterventionError
-from workbench.figures import apply_style
+from workbench.figures import circuit_graph
 from workbench.models import Model, ModelInfo
 from workbench.store import open_run, write_circuit
 from workbench.tasks.templated import TaskDataset
 
 CIRCUIT_SCHEMA = "attention-head-workbench/circuit"
 CIRCUIT_SCHEMA_VERSION = 1
-CLASS_COLORS = {
-    "name mover": "#1f77b4",
-    "negative name mover": "#d62728",
-    "backup name mover": "#aec7e8",
-    "s-inhibition": "#ff7f0e",
-    "induction": "#2ca02c",
-    "duplicate token": "#9467bd",
-    "previous token": "#8c564b",
-    "other": "#7f7f7f",
-}
 
 
 @dataclass
@@ -191,90 +181,12 @@ class Circuit:
         return f"<pre>{self.summary()}</pre>" + self.to_pandas().to_html(index=False)
 
     def plot(self) -> go.Figure:
-        """A plotly figure: heads by layer (y) with their class colours, edges labelled q/k/v.
-
-        An edge's hover (its path and effect) sits at its midpoint: its ends belong to the
-        nodes, whose ``customdata`` ``(layer, head)`` the explorer opens on a click."""
-        xy: dict[str, tuple[float, float]] = {}
-        for layer in sorted({h.layer for h in self.heads}):
-            row = sorted((h for h in self.heads if h.layer == layer), key=lambda h: h.head)
-            for i, h in enumerate(row):
-                xy[h.name] = (i - (len(row) - 1) / 2, layer)
-        top = max((y for _, y in xy.values()), default=0) + 1.5
-        xy["logits"] = (0.0, top)
-        fig = go.Figure()
-        midpoints: list[tuple[float, float]] = []
-        edge_text: list[str] = []
-        for e in self.edges:
-            if e.sender not in xy or e.receiver not in xy:
-                continue
-            (x0, y0), (x1, y1) = xy[e.sender], xy[e.receiver]
-            fig.add_trace(
-                go.Scatter(
-                    x=[x0, x1],
-                    y=[y0, y1],
-                    mode="lines",
-                    hoverinfo="skip",
-                    showlegend=False,
-                    line={"color": "rgba(120,120,120,0.5)", "width": 1.5},
-                )
-            )
-            midpoints.append(((x0 + x1) / 2, (y0 + y1) / 2))
-            edge_text.append(f"{e.sender} → {e.receiver} ({e.via}): {_fmt(e.effect)}")
-        for role, color in CLASS_COLORS.items():
-            members = [h for h in self.heads if h.role == role]
-            if not members:
-                continue
-            fig.add_trace(
-                go.Scatter(
-                    x=[xy[h.name][0] for h in members],
-                    y=[xy[h.name][1] for h in members],
-                    mode="markers+text",
-                    name=role,
-                    text=[h.name for h in members],
-                    textposition="top center",
-                    marker={"size": 16, "color": color},
-                    customdata=[[h.layer, h.head] for h in members],
-                    hovertext=[
-                        f"{h.name} {role}<br>DLA {_fmt(h.evidence.get('dla'))}<br>"
-                        f"END→IO {_fmt(h.evidence.get('end_io'))}"
-                        for h in members
-                    ],
-                    hoverinfo="text",
-                )
-            )
-        fig.add_trace(
-            go.Scatter(
-                x=[0],
-                y=[top],
-                mode="markers+text",
-                text=["logits"],
-                textposition="top center",
-                name="logits",
-                marker={"size": 18, "color": "black", "symbol": "square"},
-            )
-        )
-        if midpoints:
-            fig.add_trace(
-                go.Scatter(
-                    x=[x for x, _ in midpoints],
-                    y=[y for _, y in midpoints],
-                    text=edge_text,
-                    mode="markers",
-                    name="edges",
-                    marker={"size": 10, "color": "rgba(0,0,0,0)"},
-                    hoverinfo="text",
-                    showlegend=False,
-                )
-            )
-        fig.update_layout(
-            xaxis={"visible": False},
-            yaxis={"title": "layer"},
-            legend={"orientation": "h", "y": -0.08},
-            template="plotly_white",
-        )
+        """The circuit as a directed graph (:func:`workbench.figures.circuit_graph`, the
+        explorer's Circuit page): each head at (its head index, its layer) in its class colour,
+        the logits on top, one arrow per path coloured by q/k/v/direct and as wide as its
+        effect; nodes carry ``customdata`` ``(layer, head)`` for clicks."""
         title = f"{self.task.get('task', '')} circuit of {self.model.get('name', '')}"
-        return apply_style(fig, height=max(400, 40 * int(top) + 200), title=title)
+        return circuit_graph(self.heads, self.edges, title=title)
 
     # -- JSON ----------------------------------------------------------------------------------
 
@@ -345,10 +257,6 @@ class Circuit:
     def from_run(cls, run_path: str | Path, name: str) -> Circuit:
         with open_run(run_path) as run:
             return cls.from_json(run.circuit(name))
-
-
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def overlap(a: Circuit, b: Circuit) -> dict[str, Any]:

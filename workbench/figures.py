@@ -19,6 +19,11 @@ grouped-query attention in: thin lines between KV groups, and the KV head of eve
 in its hover text (query head h reads KV head ``h // group_size``, the HF ``repeat_kv`` rule).
 One heatmap trace holds all heads, so a 30 × 32 grid stays one draw call.
 
+The explorer's Head page adds every head of a layer on one prompt (:func:`layer_patterns`) and
+a head's direct logit attribution along the prompt (:func:`logit_attribution_bars`); the lab a
+per-head sweep (:func:`sweep_heatmap`); circuits are drawn as a class-coloured grid
+(:func:`class_heatmap`) and a directed graph (:func:`circuit_graph`, also ``Circuit.plot``).
+
 Patterns (:func:`head_pattern`, :func:`plot_attention`) come from TransformerLens's
 ``blocks.{l}.attn.hook_pattern`` (the pattern capture path, :func:`workbench.capture.
 run_with_patterns`): exact and O(L²), for prompts of up to a few hundred tokens. Statistics along
@@ -40,6 +45,7 @@ from plotly.subplots import make_subplots
 from workbench.capture import run_with_patterns
 from workbench.errors import ShapeError
 from workbench.models import Model, ModelInfo
+from workbench.tasks.domains import DOMAINS
 
 KNOWN_SCALES = {
     "sink": "Viridis",
@@ -72,8 +78,18 @@ class ColourScale:
 LABEL_SCALE = ColourScale([[0, LABEL_COLOURS[0]], [1, LABEL_COLOURS[1]]], 0.0, 1.0)
 
 
+def quantity(name: str) -> str:
+    """The quantity a score measures: its name without an input domain's suffix
+    (``sink_mass_code`` -> ``sink_mass``, :data:`workbench.tasks.domains.DOMAINS`), so the same
+    quantity on two domains is drawn with one colour map."""
+    stem, _, suffix = name.rpartition("_")
+    return stem if stem and suffix in DOMAINS else name
+
+
 def score_scale(name: str, *tables: np.ndarray) -> ColourScale:
-    """The colour scale of score ``name`` for the given ``[n_layers, n_heads]`` tables."""
+    """The colour scale of score ``name`` for the given ``[n_layers, n_heads]`` tables; the
+    colour map is that of its :func:`quantity`."""
+    name = quantity(name)
     if name in KNOWN_SCALES:
         colorscale = KNOWN_SCALES[name]
     else:
@@ -168,7 +184,9 @@ def _grid_trace(
 
 
 def _grid_axes(fig: go.Figure, info: ModelInfo, row: int | None = None, col: int | None = None):
-    step = 1 if info.n_heads <= 16 else 2
+    """Every layer labelled (a grid is read by its layer numbers); every head up to 32 heads,
+    every second beyond."""
+    step = 1 if info.n_heads <= 32 else 2
     fig.update_xaxes(
         title_text="head" + (f" (KV groups of {info.group_size})" if info.group_size > 1 else ""),
         tickmode="array",
@@ -180,12 +198,12 @@ def _grid_axes(fig: go.Figure, info: ModelInfo, row: int | None = None, col: int
         row=row,
         col=col,
     )
-    ystep = 1 if info.n_layers <= 16 else 2
     fig.update_yaxes(
         title_text="layer",
         range=[info.n_layers - 0.5, -0.5],  # layer 0 on top
         tickmode="array",
-        tickvals=list(range(0, info.n_layers, ystep)),
+        tickvals=list(range(info.n_layers)),
+        tickfont={"size": 11 if info.n_layers <= 32 else 8},
         showgrid=False,
         zeroline=False,
         row=row,
@@ -342,8 +360,24 @@ def atlas_scatter(
                     "line": {"width": 0.5, "color": "#343a40"},
                     "colorbar": {"title": {"text": colour_name, "side": "right"}, "thickness": 14},
                 },
+                showlegend=False,
             )
         )
+        for cluster in sorted(set(clusters.tolist())):  # a legend of the marker shapes
+            fig.add_trace(
+                go.Scatter(
+                    x=[None],  # no point: plotly lists a trace without data in no legend
+                    y=[None],
+                    mode="markers",
+                    name=f"cluster {cluster}",
+                    marker={
+                        "size": 8,
+                        "color": "#868e96",
+                        "symbol": MARKER_SYMBOLS[int(cluster) % len(MARKER_SYMBOLS)],
+                    },
+                )
+            )
+    fig.update_layout(legend={"orientation": "h", "y": -0.08, "title": {"text": "shape: "}})
     fig.update_xaxes(showticklabels=False, title_text=f"{method} 1", zeroline=False)
     fig.update_yaxes(showticklabels=False, title_text=f"{method} 2", zeroline=False)
     return apply_style(fig, height=420, title=title)
@@ -395,15 +429,22 @@ def pattern_heatmap(pattern: np.ndarray, labels: Sequence[str], *, title: str) -
     return fig
 
 
-def token_labels(model: Model, token_ids: np.ndarray) -> list[str]:
-    """Readable, unique labels ``"position:token"`` (whitespace made visible)."""
+def token_text(model: Model, token_ids: Sequence[int] | np.ndarray) -> list[str]:
+    """Each token id as the tokenizer spells it, whitespace made visible (``·`` for a leading
+    space, ``↵`` for a newline): how every view shows a token id."""
     pieces = model.tokenizer.convert_ids_to_tokens([int(t) for t in token_ids])
-    labels = []
-    for position, piece in enumerate(pieces):
-        text = str(piece).replace("Ġ", "·").replace("▁", "·").replace("Ċ", "↵").replace("\n", "↵")
-        text = text if len(text) <= 12 else text[:11] + "…"
-        labels.append(f"{position}:{text}")
-    return labels
+    return [
+        str(piece).replace("Ġ", "·").replace("▁", "·").replace("Ċ", "↵").replace("\n", "↵")
+        for piece in pieces
+    ]
+
+
+def token_labels(model: Model, token_ids: np.ndarray) -> list[str]:
+    """Readable, unique labels ``"position:token"`` (:func:`token_text`, cut at 12 characters)."""
+    return [
+        f"{position}:{text if len(text) <= 12 else text[:11] + '…'}"
+        for position, text in enumerate(token_text(model, token_ids))
+    ]
 
 
 def head_pattern(model: Model, token_ids: torch.Tensor, layer: int, head: int) -> np.ndarray:
@@ -482,11 +523,16 @@ def compare_heatmaps(
     titles: tuple[str, str],
 ) -> go.Figure:
     """Side-by-side layer × head grids (``values_*: [n_layers, n_heads]``), plus their
-    difference (B − A, diverging) when both have the same shape. One score in both: one shared
-    colour scale spanning both tables. Two scores (two domains' tables, say): each keeps its own
-    scale, as everywhere else."""
-    same_score = names[0] == names[1]
-    if same_score:
+    difference (B − A, diverging) when both have the same shape.
+
+    One quantity on both sides (one score, or one quantity on two domains,
+    :func:`quantity`): one colour scale spanning both tables and one colour bar. Two
+    quantities: each keeps its own scale, as everywhere else. The difference's scale is
+    anchored to the values' range (the span of the colour scales shown), not to the largest
+    difference, so that a change of 0.002 on a [0, 1] score stays pale.
+    """
+    same = quantity(names[0]) == quantity(names[1])
+    if same:
         scales = (score_scale(names[0], values_a, values_b),) * 2
     else:
         scales = (score_scale(names[0], values_a), score_scale(names[1], values_b))
@@ -503,7 +549,7 @@ def compare_heatmaps(
     panels = ((info_a, values_a, names[0]), (info_b, values_b, names[1]))
     for col, (info, values, name) in enumerate(panels, start=1):
         scale = scales[col - 1]
-        show = col == 2 or not same_score
+        show = col == 2 or not same
         fig.add_trace(
             _grid_trace(
                 info,
@@ -521,7 +567,7 @@ def compare_heatmaps(
         _grid_axes(fig, info, 1, col)
     if same_shape:
         diff = values_b - values_a
-        bound = float(np.nanmax(np.abs(diff))) or 1.0
+        bound = max(s.zmax - s.zmin for s in scales)
         fig.add_trace(
             _grid_trace(
                 info_a,
@@ -694,3 +740,315 @@ def knockout_figure(
     return apply_style(
         fig, height=360, title=title or f"top-k knock-out of {metric} ({pct}% bootstrap CI)"
     )
+
+
+def layer_patterns(
+    patterns: np.ndarray,
+    labels: Sequence[str],
+    *,
+    layer: int,
+    chosen: int | None = None,
+    window_start: int = 0,
+) -> go.Figure:
+    """Every head of one layer on one prompt, small multiples (``patterns: [n_heads, q_rows,
+    k_pos]``, rows ``window_start ..`` of the pattern; ``labels``: one per key position).
+
+    One colour scale (attention 0..1) for all panels, so heads compare at a glance; the hover
+    names the head, query and key tokens; ``chosen`` gets a bold panel title. A click on a
+    panel reports its trace number, which is the head.
+    """
+    patterns = np.asarray(patterns, dtype=float)
+    n_heads, rows, n_keys = patterns.shape
+    if len(labels) != n_keys or window_start + rows > n_keys:
+        raise ShapeError(
+            f"patterns [n_heads, q_rows, k_pos] = {patterns.shape} do not fit {len(labels)} "
+            f"token labels with the window starting at {window_start}"
+        )
+    grid_rows = int(np.ceil(n_heads / 8))  # at most 8 panels a row, rows as full as can be
+    cols = int(np.ceil(n_heads / grid_rows))
+    panel = (1080 - 60) / cols  # px: square panels across a page of about 1080 px
+    titles = [f"<b>H{h} ◀</b>" if h == chosen else f"H{h}" for h in range(n_heads)]
+    fig = make_subplots(
+        rows=grid_rows,
+        cols=cols,
+        subplot_titles=titles,
+        horizontal_spacing=0.02,
+        vertical_spacing=0.06 if grid_rows > 1 else 0.0,
+    )
+    queries = [labels[window_start + r] for r in range(rows)]
+    hover = np.array([[f"{q} → {k}" for k in labels] for q in queries])  # [q_rows, k_pos]
+    for h in range(n_heads):
+        fig.add_trace(
+            go.Heatmap(
+                z=patterns[h],
+                colorscale=PATTERN_SCALE,
+                zmin=0,
+                zmax=1,
+                customdata=hover,
+                hovertemplate=f"L{layer} H{h}<br>%{{customdata}}: %{{z:.3f}}<extra></extra>",
+                showscale=h == 0,
+                colorbar={"title": {"text": "attention", "side": "right"}, "thickness": 10},
+            ),
+            row=h // cols + 1,
+            col=h % cols + 1,
+        )
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
+    fig.update_annotations(font={"size": 11})
+    title = f"all {n_heads} heads of layer {layer}: query rows {window_start}–"
+    title += f"{window_start + rows - 1} × keys 0–{n_keys - 1} (click a head to open it)"
+    return apply_style(fig, height=int(panel * grid_rows) + 90, title=title)
+
+
+def logit_attribution_bars(
+    values: np.ndarray, labels: Sequence[str], hover: Sequence[str], *, title: str
+) -> go.Figure:
+    """A head's direct logit attribution along the prompt (``values: [seq]``, one bar per
+    position: what the head adds to the logit of the token that comes next there); ``hover``
+    says per position what else the head promotes."""
+    values = np.asarray(values, dtype=float)
+    if not len(values) == len(labels) == len(hover):
+        raise ShapeError(
+            f"{len(values)} values, {len(labels)} labels and {len(hover)} hover texts differ"
+        )
+    colours = np.where(values >= 0, EFFECT_COLOURS[0], "#2c7fb8")
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(values))),
+            y=values,
+            marker_color=colours,
+            customdata=np.asarray(hover, dtype=object),
+            hovertemplate="%{customdata}<extra></extra>",
+        )
+    )
+    step = max(1, int(np.ceil(len(labels) / 64)))
+    fig.update_xaxes(
+        tickmode="array",
+        tickvals=list(range(0, len(labels), step)),
+        ticktext=list(labels)[::step],
+        tickangle=-60,
+        tickfont={"size": 10},
+        title_text="position (the bar: logit of the next token)",
+    )
+    fig.update_yaxes(title_text="direct logit attribution", zeroline=True)
+    fig.add_hline(y=0, line={"color": "#adb5bd", "width": 1})
+    return apply_style(fig, height=340, title=title)
+
+
+def sweep_heatmap(
+    info: ModelInfo, values: np.ndarray, metric: str, *, title: str | None = None
+) -> go.Figure:
+    """Layer × head grid of a per-head ablation sweep (``values: [n_layers, n_heads]``, the
+    metric's change with − without when that head alone is intervened on; NaN = not swept).
+
+    A diverging scale centred on 0 whose bound is the largest change, so the head that matters
+    most is the darkest cell and the sign reads as red (up) or blue (down).
+    """
+    values = np.asarray(values, dtype=float)  # [n_layers, n_heads]
+    if values.shape != (info.n_layers, info.n_heads):
+        raise ShapeError(
+            f"sweep of {metric!r} must be [n_layers, n_heads] = "
+            f"{(info.n_layers, info.n_heads)}, got {values.shape}"
+        )
+    finite = values[np.isfinite(values)]
+    bound = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+    fig = go.Figure(
+        _grid_trace(
+            info,
+            values,
+            f"{metric} change",
+            ColourScale(DIFF_SCALE, -bound, bound),
+            hovertemplate="%{text} = %{z:+.4f}<extra></extra>",
+            colorbar={"title": {"text": f"Δ {metric}", "side": "right"}, "thickness": 14},
+        )
+    )
+    _kv_decorations(fig, info)
+    _grid_axes(fig, info)
+    return apply_style(fig, height=grid_height(info.n_layers), title=title)
+
+
+CIRCUIT_CLASS_COLOURS = {
+    "name mover": "#1f77b4",
+    "negative name mover": "#d62728",
+    "backup name mover": "#aec7e8",
+    "s-inhibition": "#ff7f0e",
+    "induction": "#2ca02c",
+    "duplicate token": "#9467bd",
+    "previous token": "#8c564b",
+    "other": "#7f7f7f",
+    "negative": "#e377c2",
+    "ambiguous": "#bcbd22",
+}
+PATH_COLOURS = {"q": "#e67e22", "k": "#8e44ad", "v": "#16a085", "direct": "#2c3e50"}
+NOT_IN_CIRCUIT = "not in the circuit"
+
+
+def class_heatmap(
+    info: ModelInfo, classes: dict[tuple[int, int], str], name: str = "circuit"
+) -> go.Figure:
+    """Layer × head grid coloured by each head's circuit class (``classes``: ``(layer, head)``
+    -> class; other heads light grey), one legend entry per class present."""
+    present = [c for c in CIRCUIT_CLASS_COLOURS if c in set(classes.values())]
+    present += sorted(set(classes.values()) - set(present))
+    codes = {c: i + 1 for i, c in enumerate(present)}  # 0: not in the circuit
+    z = np.zeros((info.n_layers, info.n_heads))
+    text = np.full((info.n_layers, info.n_heads), NOT_IN_CIRCUIT, dtype=object)
+    for (layer, head), role in classes.items():
+        z[layer, head] = codes[role]
+        text[layer, head] = role
+    colours = [LABEL_COLOURS[0]] + [CIRCUIT_CLASS_COLOURS.get(c, "#495057") for c in present]
+    n = len(colours)
+    # a stepped scale: code i covers [i / n, (i + 1) / n) of the range
+    scale = [[edge, c] for i, c in enumerate(colours) for edge in (i / n, (i + 1) / n)]
+    fig = go.Figure(
+        _grid_trace(
+            info,
+            z,
+            name,
+            ColourScale(scale, -0.5, n - 0.5),
+            customdata=text,
+            hovertemplate="%{text}: %{customdata}<extra></extra>",
+            showscale=False,
+        )
+    )
+    for role in present:  # legend entries (the heatmap itself has none)
+        fig.add_trace(
+            go.Scatter(
+                x=[None],  # no point: plotly lists a trace without data in no legend
+                y=[None],
+                mode="markers",
+                name=role,
+                marker={"symbol": "square", "size": 11, "color": CIRCUIT_CLASS_COLOURS.get(role)},
+            )
+        )
+    _kv_decorations(fig, info)
+    _grid_axes(fig, info)
+    fig.update_layout(legend={"orientation": "h", "y": -0.1})
+    title = f"{name}: {len(classes)} of {z.size} heads in {len(present)} classes"
+    return apply_style(fig, height=grid_height(info.n_layers) + 40, title=title)
+
+
+def circuit_graph(heads: Sequence, edges: Sequence, *, title: str) -> go.Figure:
+    """A circuit as a directed graph: one node per head at (its head index, its layer), so the
+    heads of a layer never overlap; the logits above the last layer; one arrow per path,
+    coloured by the path it acts through (q, k, v or direct) and as wide as its effect.
+
+    ``heads``: items with ``layer``, ``head``, ``role`` and ``evidence`` (a dict; ``dla`` and
+    ``end_io`` are shown in the hover), e.g. :class:`interventions.circuit.CircuitHead`;
+    ``edges``: items with ``sender``, ``receiver`` (``"layer.head"`` or ``"logits"``), ``via``
+    and ``effect`` (None when not measured). Nodes carry ``customdata`` ``(layer, head)``;
+    each arrow's hover (sender → receiver, path, effect) sits at its midpoint.
+    """
+    xy = {f"{h.layer}.{h.head}": (float(h.head), float(h.layer)) for h in heads}
+    layers = sorted({h.layer for h in heads})
+    top = (layers[-1] if layers else 0) + 1.5
+    xs = [x for x, _ in xy.values()] or [0.0]
+    xy["logits"] = ((min(xs) + max(xs)) / 2, top)
+    shown = [e for e in edges if e.sender in xy and e.receiver in xy]
+    largest = max((abs(e.effect) for e in shown if e.effect is not None), default=0.0) or 1.0
+    offsets = {"q": -0.1, "k": 0.0, "v": 0.1, "direct": 0.0}  # paths into one head apart
+    fig = go.Figure()
+    arrows = []
+    for via in PATH_COLOURS:  # one hover trace per path kind: its legend entry and colour
+        mine = [e for e in shown if e.via == via]
+        if not mine:
+            continue
+        mid_x, mid_y, hover = [], [], []
+        for e in mine:
+            (x0, y0), (x1, y1) = xy[e.sender], xy[e.receiver]
+            x1 += offsets.get(via, 0.0) if e.receiver != "logits" else 0.0
+            width = 1.0 if e.effect is None else 1.0 + 5.0 * abs(e.effect) / largest
+            arrows.append(
+                {
+                    "x": x1,
+                    "y": y1 - 0.22,  # the tip stops short of the node
+                    "ax": x0,
+                    "ay": y0 + 0.22,
+                    "xref": "x",
+                    "yref": "y",
+                    "axref": "x",
+                    "ayref": "y",
+                    "showarrow": True,
+                    "arrowhead": 2,
+                    "arrowsize": 1.0,
+                    "arrowwidth": width,
+                    "arrowcolor": PATH_COLOURS[via],
+                    "opacity": 0.75,
+                    "text": "",
+                }
+            )
+            mid_x.append((x0 + x1) / 2)
+            mid_y.append((y0 + y1) / 2)
+            effect = "not measured" if e.effect is None else f"{e.effect:+.3f}"
+            hover.append(f"{e.sender} → {e.receiver} via {via}: effect {effect}")
+        fig.add_trace(
+            go.Scatter(
+                x=mid_x,
+                y=mid_y,
+                mode="markers",
+                name=f"{via} path" if via != "direct" else "direct to logits",
+                text=hover,
+                hovertemplate="%{text}<extra></extra>",
+                marker={"size": 9, "color": PATH_COLOURS[via], "symbol": "diamond"},
+            )
+        )
+    for role in [
+        *CIRCUIT_CLASS_COLOURS,
+        *sorted({h.role for h in heads} - set(CIRCUIT_CLASS_COLOURS)),
+    ]:
+        members = [h for h in heads if h.role == role]
+        if not members:
+            continue
+        fig.add_trace(
+            go.Scatter(
+                x=[float(h.head) for h in members],
+                y=[float(h.layer) for h in members],
+                mode="markers+text",
+                name=role,
+                text=[f"{h.layer}.{h.head}" for h in members],
+                textposition="middle right",
+                marker={"size": 16, "color": CIRCUIT_CLASS_COLOURS.get(role, "#495057")},
+                customdata=[[h.layer, h.head] for h in members],
+                hovertext=[
+                    f"{h.layer}.{h.head} {role}<br>DLA {_number(h.evidence.get('dla'))}<br>"
+                    f"END→IO attention {_number(h.evidence.get('end_io'))}"
+                    for h in members
+                ],
+                hoverinfo="text",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[xy["logits"][0]],
+            y=[top],
+            mode="markers+text",
+            text=["logits"],
+            textposition="middle right",
+            name="logits",
+            marker={"size": 18, "color": "black", "symbol": "square"},
+        )
+    )
+    fig.update_layout(annotations=arrows, legend={"orientation": "h", "y": -0.12})
+    columns = sorted({h.head for h in heads})
+    fig.update_xaxes(
+        title_text="head",
+        tickmode="array",
+        tickvals=columns,
+        range=[min(xs) - 0.8, max(xs) + 1.2],
+        zeroline=False,
+        showgrid=False,
+    )
+    fig.update_yaxes(
+        title_text="layer",
+        tickmode="array",
+        tickvals=layers,
+        ticktext=[str(layer) for layer in layers],
+        range=[(layers[0] if layers else 0) - 0.7, top + 0.7],
+        zeroline=False,
+    )
+    span = (layers[-1] - layers[0] + 2) if layers else 2  # layers drawn, and the logits
+    return apply_style(fig, height=int(min(1400, max(460, 60 * span + 220))), title=title)
+
+
+def _number(value: object) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"

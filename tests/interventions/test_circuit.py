@@ -73,19 +73,23 @@ def test_stored_in_a_new_and_in_an_existing_run_file(tiny, tmp_path):
         make(other, [(1, 0, "name mover")]).store(existing)
 
 
-def test_plot_has_a_node_per_head_and_the_logits():
+def test_plot_is_the_directed_graph_of_heads_paths_and_logits():
     circuit = make({"name": "m"}, [(1, 0, "name mover"), (0, 1, "s-inhibition")])
     fig = circuit.plot()
-    names = [t.name for t in fig.data if t.mode and "markers" in t.mode]
-    assert names == ["name mover", "s-inhibition", "logits", "edges"]
-    lines = [t for t in fig.data if t.mode == "lines"]
-    assert len(lines) == 2 and all(t.hoverinfo == "skip" for t in lines)
-    edges = fig.data[-1]  # each edge's hover sits at its midpoint, clear of the nodes
-    assert list(edges.text) == ["0.1 → 1.0 (q): -0.200", "1.0 → logits (direct): n/a"]
-    assert [(x, y) for x, y in zip(edges.x, edges.y, strict=True)] == [
-        ((lines[0].x[0] + lines[0].x[1]) / 2, (lines[0].y[0] + lines[0].y[1]) / 2),
-        ((lines[1].x[0] + lines[1].x[1]) / 2, (lines[1].y[0] + lines[1].y[1]) / 2),
-    ]
+    names = [t.name for t in fig.data]
+    # one hover trace per path kind (its legend entry), one per class, the logits
+    assert names == ["q path", "direct to logits", "name mover", "s-inhibition", "logits"]
+    movers = fig.data[2]
+    assert (list(movers.x), list(movers.y)) == ([0.0], [1.0])  # at (head index, layer)
+    assert [list(c) for c in movers.customdata] == [[1, 0]]
+    q, direct = fig.data[0], fig.data[1]
+    assert list(q.text) == ["0.1 → 1.0 via q: effect -0.200"]
+    assert list(direct.text) == ["1.0 → logits via direct: effect not measured"]
+    arrows = fig.layout.annotations  # one arrow per edge, sender -> receiver
+    assert len(arrows) == 2 and all(a.showarrow for a in arrows)
+    assert (arrows[0].ax, arrows[0].ay) == (1.0, 0.22) and arrows[0].y == 1.0 - 0.22
+    assert arrows[0].arrowcolor != arrows[1].arrowcolor  # q and direct differ
+    assert list(fig.layout.yaxis.tickvals) == [0, 1]  # integer layer ticks
 
 
 def test_overlap_counts_shared_heads():

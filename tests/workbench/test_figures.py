@@ -171,9 +171,15 @@ def test_atlas_scatter_by_cluster_or_by_a_score() -> None:
     assert by_cluster.layout.xaxis.title.text == "PCA 1"
     colour = np.array([0.5, 0.25, 0.0, 1.0])
     by_score = figs.atlas_scatter(frame, ["sink"], group_size=2, colour=colour, colour_name="x")
-    (points,) = by_score.data
+    points, *legend = by_score.data
     np.testing.assert_array_equal(points.marker.color, colour)
     assert list(points.marker.symbol) == ["circle", "square", "circle", "square"]
+    # the shapes get a legend: one trace per cluster with its shape and no point
+    assert [(t.name, t.marker.symbol, tuple(t.x)) for t in legend] == [
+        ("cluster 0", "circle", (None,)),
+        ("cluster 1", "square", (None,)),
+    ]
+    assert not points.showlegend
     assert (points.marker.cmin, points.marker.cmax) == (0, 1)
     assert (
         points.text[3]
@@ -203,3 +209,115 @@ def test_effect_bars_show_each_metric_with_its_ci() -> None:
     assert fig.layout.yaxis.title.text == "with − without"
     alone = figs.effect_bars(table[["diff", "ci_low", "ci_high"]], confidence=0.9)
     assert [t.name for t in alone.data] == ["chosen heads"]  # no control was run
+
+
+def test_grids_label_every_layer() -> None:
+    info = _info(30, 9, 3)
+    fig = figs.score_heatmap(info, np.zeros((30, 9)), "sink")
+    assert list(fig.layout.yaxis.tickvals) == list(range(30))  # odd layers too
+    assert list(fig.layout.xaxis.tickvals) == list(range(9))
+
+
+def test_one_quantity_on_two_domains_has_one_colour_map() -> None:
+    assert figs.quantity("sink_mass_code") == figs.quantity("sink_mass_prose") == "sink_mass"
+    assert figs.quantity("sink_mass") == "sink_mass"
+    assert figs.quantity("retrieval_score") == "retrieval_score"  # "score" is no domain
+    rng = np.random.default_rng(2)
+    a, b = rng.random((4, 8)) * 0.5, rng.random((4, 8)) * 0.5 + 0.5
+    assert (
+        figs.score_scale("sink_mass_code", a).colorscale
+        == figs.score_scale("sink_mass_prose", b).colorscale
+    )
+    info = _info(4, 8, 2)
+    fig = figs.compare_heatmaps(
+        info, a, info, b, ("sink_mass_prose", "sink_mass_code"), titles=("A", "B")
+    )
+    left, right, _ = fig.data
+    assert left.colorscale == right.colorscale and (left.zmin, left.zmax) == (0, 1)
+    assert [left.showscale, right.showscale] == [False, True]  # one colour bar for both
+
+
+def test_difference_scale_is_anchored_to_the_values_range() -> None:
+    info = _info(4, 8, 2)
+    a = np.full((4, 8), 0.5)
+    b = a + np.random.default_rng(3).normal(0, 0.001, (4, 8))  # noise on a [0, 1] score
+    diff = figs.compare_heatmaps(info, a, info, b, ("sink", "sink"), titles=("A", "B")).data[2]
+    assert (diff.zmin, diff.zmax) == (-1.0, 1.0)  # the score's range, not ±0.003
+    wide = figs.compare_heatmaps(info, a * 10, info, b * 10, ("x", "x"), titles=("A", "B"))
+    lo, hi = min((a * 10).min(), (b * 10).min()), max((a * 10).max(), (b * 10).max())
+    assert wide.data[2].zmax == pytest.approx(hi - lo)
+
+
+def test_layer_patterns_draw_every_head_on_one_scale() -> None:
+    rng = np.random.default_rng(4)
+    patterns = rng.random((9, 5, 12))  # [n_heads, q_rows, k_pos]: rows 7..11 of 12 tokens
+    labels = [f"{i}:t{i}" for i in range(12)]
+    fig = figs.layer_patterns(patterns, labels, layer=3, chosen=4, window_start=7)
+    assert len(fig.data) == 9  # trace i is head i (a click reports it)
+    np.testing.assert_array_equal(np.asarray(fig.data[4].z), patterns[4])
+    assert all((t.zmin, t.zmax) == (0, 1) for t in fig.data)
+    assert [t.showscale for t in fig.data].count(True) == 1
+    assert fig.data[2].customdata[0][3] == "7:t7 → 3:t3"  # query row 0 is position 7
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[4] == "<b>H4 ◀</b>" and titles[0] == "H0"
+    assert len({t.xaxis for t in fig.data}) == 9  # 9 heads: rows of 5 and 4 panels
+    assert fig.layout.xaxis5.domain[1] > 0.95 and fig.layout.xaxis6.domain[0] < 0.05
+    with pytest.raises(ShapeError, match="do not fit"):
+        figs.layer_patterns(patterns, labels[:10], layer=3)
+
+
+def test_logit_attribution_bars_per_position() -> None:
+    values = np.array([0.5, -0.25, np.nan])
+    fig = figs.logit_attribution_bars(values, ["0:a", "1:b", "2:c"], ["x", "y", "z"], title="t")
+    (bars,) = fig.data
+    np.testing.assert_array_equal(np.asarray(bars.y, dtype=float), values)
+    assert list(bars.customdata) == ["x", "y", "z"]
+    assert bars.marker.color[0] != bars.marker.color[1]  # promoted vs suppressed
+    with pytest.raises(ShapeError):
+        figs.logit_attribution_bars(values, ["0:a"], ["x", "y", "z"], title="t")
+
+
+def test_sweep_heatmap_is_centred_on_zero() -> None:
+    info = _info(2, 4, 2)
+    values = np.array([[0.1, -0.4, 0.0, np.nan], [0.2, 0.0, 0.0, 0.05]])
+    fig = figs.sweep_heatmap(info, values, "accuracy")
+    (grid,) = fig.data
+    assert (grid.zmin, grid.zmax) == (-0.4, 0.4)
+    assert grid.colorbar.title.text == "Δ accuracy"
+    with pytest.raises(ShapeError):
+        figs.sweep_heatmap(info, values.T, "accuracy")
+
+
+def test_class_heatmap_colours_each_circuit_class() -> None:
+    info = _info(3, 4, 2)
+    classes = {(2, 1): "name mover", (1, 0): "s-inhibition", (0, 3): "name mover"}
+    fig = figs.class_heatmap(info, classes)
+    grid, *legend = fig.data
+    assert [t.name for t in legend] == ["name mover", "s-inhibition"]
+    z = np.asarray(grid.z)
+    assert z[2, 1] == z[0, 3] != z[1, 0] and z[0, 0] == 0
+    assert np.asarray(grid.customdata)[0, 0] == figs.NOT_IN_CIRCUIT
+    assert fig.layout.title.text == "circuit: 3 of 12 heads in 2 classes"
+
+
+def test_circuit_graph_keeps_the_heads_of_a_layer_apart() -> None:
+    from types import SimpleNamespace as Node
+
+    heads = [Node(layer=5, head=h, role="name mover", evidence={}) for h in (0, 3, 7)]
+    heads.append(Node(layer=2, head=3, role="induction", evidence={"dla": 0.25}))
+    edges = [
+        Node(sender="2.3", receiver="5.3", via="k", effect=-0.5),
+        Node(sender="2.3", receiver="5.3", via="v", effect=-0.1),
+        Node(sender="5.0", receiver="logits", via="direct", effect=None),
+        Node(sender="9.9", receiver="logits", via="direct", effect=1.0),  # not in the circuit
+    ]
+    fig = figs.circuit_graph(heads, edges, title="t")
+    movers = next(t for t in fig.data if t.name == "name mover")
+    assert sorted(zip(movers.x, movers.y, strict=True)) == [(0, 5), (3, 5), (7, 5)]
+    arrows = fig.layout.annotations
+    assert len(arrows) == 3  # the edge from a head outside the circuit is left out
+    k, v = arrows[0], arrows[1]  # two paths into one head land apart, widths by effect
+    assert k.x != v.x and k.arrowwidth > v.arrowwidth
+    assert list(fig.layout.yaxis.tickvals) == [2, 5]
+    induction = next(t for t in fig.data if t.name == "induction")
+    assert "DLA 0.250" in induction.hovertext[0]
