@@ -17,6 +17,7 @@
     /labels/<label>                 [n_layers, n_heads] bool, attrs: rule
     /tentative/<label>              [n_layers, n_heads] bool: above the threshold, not labelled
     /circuits/<name>                UTF-8 JSON of a circuit (interventions.circuit.Circuit)
+    /results/<name>                 UTF-8 JSON of an intervention result (the explorer's lab)
 
 A *measurement* is one set of inputs (the scan's prompts, needle trials, a text domain...) and
 the per-item statistics a probe computed on them. Writes are atomic: :class:`RunWriter` writes
@@ -794,8 +795,8 @@ def write_intervention_result(
     explorer's lab writes it) under ``/results/<name>`` of the run file at ``path``, replacing
     a result of that name. The run must belong to the model the result was measured on; the
     file is changed through :func:`edit_run` (atomic, sealed)."""
-    if not name or "/" in name:
-        raise RunFileError(f"a result name is a non-empty name without '/', not {name!r}")
+    if name in ("", ".") or "/" in name or "\x00" in name:
+        raise RunFileError(f"a result name is a name without '/' (an HDF5 name), not {name!r}")
     with edit_run(path, info) as f:
         key = f"results/{name}"
         if key in f:
