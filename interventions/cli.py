@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.arguments import Command, key_value, number_list
+from workbench.arguments import (
+    Command,
+    device,
+    integer,
+    key_value,
+    number_list,
+    output_file,
+)
 
 
 def _intervene_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,13 +65,17 @@ def _intervene_arguments(p: argparse.ArgumentParser) -> None:
         help="top-k heads of a run's score: swept, or (with --spec) kept out of the control",
     )  # fmt: skip
     p.add_argument("--score", help="score table name in --scores")
-    p.add_argument("--top-k", type=int, help="how many top heads (default 10)")
-    p.add_argument("--controls", type=int, default=3, help="random-head control draws (0: none)")
-    p.add_argument("--seed", type=int, default=0, help="seed of controls and bootstrap")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    p.add_argument("--top-k", type=integer(1), help="how many top heads (default 10)")
+    p.add_argument(
+        "--controls", type=integer(0), default=3, help="random-head control draws (0: none)"
+    )
+    p.add_argument(
+        "--seed", type=integer(0, 2**32 - 1), default=0, help="seed of controls and bootstrap"
+    )
+    p.add_argument("--batch-size", type=integer(1), default=8, help="prompts per forward pass")
     p.add_argument("--path", choices=["auto", "pattern", "streamed"], default="auto")
-    p.add_argument("--out", help="write the result as JSON")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", type=output_file, help="write the result as JSON")
+    p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -73,23 +84,37 @@ def _ioi_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task", help="ioi, ioi-toy or colored-objects (default: ioi in the model's vocabulary)"
     )
-    p.add_argument("--n", type=int, default=16, help="prompts (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts (ABC twins: seed+1)")
-    p.add_argument("--templates", metavar="I,J", help="template indices to draw from (default all)")
-    p.add_argument("--exact-heads", type=int, default=64,
+    p.add_argument("--n", type=integer(1), default=16, help="prompts (default 16)")
+    p.add_argument(
+        "--seed",
+        type=integer(0, 2**32 - 1),
+        default=0,
+        help="seed of the prompts (ABC twins: seed+1)",
+    )
+    p.add_argument(
+        "--templates", type=number_list(int, 0), metavar="I,J",
+        help="template indices to draw from (default all)",
+    )  # fmt: skip
+    p.add_argument("--exact-heads", type=integer(0), default=64,
                    help="heads that get exact activation patching (default 64)")  # fmt: skip
-    p.add_argument("--max-senders", type=int, default=30,
+    p.add_argument("--max-senders", type=integer(1), default=30,
                    help="senders per path-patching step (default 30)")  # fmt: skip
     p.add_argument(
         "--rule", action="append", default=[], type=key_value, metavar="KEY=VALUE",
         help="override a class threshold (attend_io=0.3)",
     )  # fmt: skip
     p.add_argument("--no-checks", action="store_true", help="skip completeness and minimality")
-    p.add_argument("--out", help="circuit JSON (default runs/MODEL-TASK-circuit.json)")
-    p.add_argument("--run", metavar="RUN.h5", help="also store the circuit in this run file")
-    p.add_argument("--plot", metavar="HTML", help="write the circuit graph as HTML")
+    p.add_argument(
+        "--out", type=output_file, help="circuit JSON (default runs/MODEL-TASK-circuit.json)"
+    )
+    p.add_argument(
+        "--run", type=output_file, metavar="RUN.h5", help="also store the circuit in this run file"
+    )
+    p.add_argument(
+        "--plot", type=output_file, metavar="HTML", help="write the circuit graph as HTML"
+    )
     p.add_argument("--compare", metavar="CIRCUIT.json", help="report head overlap with a circuit")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,10 @@ def run_intervene(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def run_ioi(args: argparse.Namespace) -> None:
     """``workbench ioi MODEL``: find the circuit, print the classes table, write the circuit."""
     overrides = dict(args.rule)
@@ -146,8 +151,11 @@ def run_ioi(args: argparse.Namespace) -> None:
             f"unknown rule threshold(s) {sorted(unknown)}; choose from "
             f"{sorted(Rules.__dataclass_fields__)}"
         )
+    bad = {k: v for k, v in overrides.items() if not _is_finite_number(v)}
+    if bad:
+        raise InterventionError(f"--rule thresholds must be finite numbers, got {bad}")
     rules = Rules(**{k: float(v) for k, v in overrides.items()})
-    templates = [int(t) for t in args.templates.split(",")] if args.templates else None
+    templates = args.templates
     model = load(args.model, device=args.device)
     started = time.time()
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from interventions import ops
-from interventions.specs import Intervention, MeanAblation, PatchPattern, spec_source
+from interventions.specs import Intervention, MeanAblation, PatchPattern, Redistribute, spec_source
 from interventions.streamed import intervening
 from workbench.capture import PATHS, AttentionCall, resolve_path
 from workbench.errors import CaptureError, InterventionError, ShapeError
@@ -279,6 +279,8 @@ class Intervener:
             source_rows = torch.arange(batch, device=device)
             for spec in group:
                 positions = self._positions(spec, seq_len)
+                if isinstance(spec, Redistribute):
+                    spec.check_keys(seq_len)
                 for layer in spec.layers:
                     heads = torch.tensor(spec.heads_in(layer), device=device)
                     op = _Op(spec, rows, source_rows, heads, positions)

@@ -171,17 +171,6 @@ def _nearest(layer: int, n_layers: int) -> list[int]:
     return sorted(range(n_layers), key=lambda other: (abs(other - layer), other))
 
 
-def _as_specs(interventions: Any) -> list[Intervention]:
-    if isinstance(interventions, Intervention):
-        return [interventions]
-    if isinstance(interventions, (str, dict)):
-        return load_specs(interventions)
-    specs = list(interventions)
-    if not specs:
-        raise InterventionError("no interventions given")
-    return [s if isinstance(s, Intervention) else spec_from_dict(s) for s in specs]
-
-
 def _as_task(task: Task | str) -> Task:
     task = get_task(task, kind="metric") if isinstance(task, str) else task
     if not isinstance(task, Task):
@@ -382,7 +371,7 @@ def evaluate(
     >>> r = evaluate(model, IOI(n=32), ZeroAblation(heads=[(9, 9)]))   # doctest: +SKIP
     >>> r.table.loc["logit_diff", ["baseline", "intervened", "diff"]]  # doctest: +SKIP
     """
-    specs = _as_specs(interventions)
+    specs = load_specs(interventions)
     task = _as_task(task)
     if not 0 < confidence < 1:
         raise InterventionError(f"confidence must lie in (0, 1), got {confidence}")

@@ -8,6 +8,8 @@ their source. The probe API (``Measurement``, ``Probe``, ``ScanContext``) lives 
 
 from __future__ import annotations
 
+import difflib
+
 from probes.dormant import DormantProbe
 from probes.entropy import EntropyProbe
 from probes.positional import PositionalProbe
@@ -43,10 +45,16 @@ def get_probes(names: str | list[str]) -> list[Probe]:
     """Resolve ``"default"``, ``"all"``, ``"sink,entropy"`` or a list of names to probes."""
     if isinstance(names, str):
         groups = {"all": list(PROBES), "default": list(DEFAULT_PROBES)}
-        names = groups.get(names) or [n.strip() for n in names.split(",") if n]
-    unknown = [n for n in names if n not in PROBES]
+        names = groups.get(names) or [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise WorkbenchError(f"no probe named; choose from default, all, {', '.join(PROBES)}")
+    unknown = [n for n in names if not isinstance(n, str) or n not in PROBES]
     if unknown:
-        raise WorkbenchError(f"unknown probe(s) {', '.join(unknown)} (known: {', '.join(PROBES)})")
+        close = difflib.get_close_matches(str(unknown[0]), list(PROBES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise WorkbenchError(
+            f"unknown probe(s) {', '.join(map(str, unknown))}{hint} (known: {', '.join(PROBES)})"
+        )
     return [PROBES[n] for n in names]
 
 

@@ -107,7 +107,7 @@ def atomic_files(directory: Path, files: Mapping[str, str]) -> list[Path]:
         if directory.exists():  # keep the directory's other files: move ours in one by one
             blocked = [name for name in files if (directory / name).is_dir()]
             if blocked:
-                raise IsADirectoryError(f"{directory / blocked[0]} is a directory")
+                raise OutputError(f"{directory / blocked[0]} is a directory, not a file")
             for name in files:
                 os.replace(tmp / name, directory / name)
     return [directory / name for name in files]

@@ -21,7 +21,20 @@ from importlib import import_module
 
 from app import cli as app_cli
 from interventions import cli as interventions_cli
-from workbench.arguments import Command, device_map, head_counts, key_value, number_list
+from workbench.arguments import (
+    Command,
+    Parser,
+    device,
+    device_map,
+    head_counts,
+    integer,
+    key_value,
+    names,
+    number_list,
+    output_dir,
+    output_file,
+    real,
+)
 from workbench.builtins import list_models
 from workbench.errors import WorkbenchError
 
@@ -37,12 +50,13 @@ def _scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="demo", help="shipped prompt set or .jsonl/.txt file")
     p.add_argument(
         "--probes",
-        default="default",
+        type=names,
+        default=["default"],
         help="'default' (probes of the scan's own prompts), 'all', or comma-separated names",
     )
-    p.add_argument("--out", help="run file (default runs/<model>.h5)")
-    p.add_argument("--max-tokens", type=int, help="truncate prompts to this many tokens")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per checkpoint")
+    p.add_argument("--out", type=output_file, help="run file (default runs/<model>.h5)")
+    p.add_argument("--max-tokens", type=integer(1), help="truncate prompts to this many tokens")
+    p.add_argument("--batch-size", type=integer(1), default=4, help="prompts per checkpoint")
     p.add_argument(
         "--path",
         choices=["auto", "pattern", "streamed"],
@@ -58,7 +72,9 @@ def _scan_arguments(p: argparse.ArgumentParser) -> None:
         help="probe option, repeatable; VALUE is JSON or a comma list (lengths=1024,2048)",
     )
     placement = p.add_mutually_exclusive_group()
-    placement.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    placement.add_argument(
+        "--device", type=device, help="cpu, cuda, ... (default: cuda when available)"
+    )
     placement.add_argument(
         "--device-map",
         type=device_map,
@@ -76,7 +92,7 @@ def _scan_arguments(p: argparse.ArgumentParser) -> None:
 
 def _show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run file (.h5) written by `workbench scan`")
-    p.add_argument("--scores", help="comma-separated score names (default: all)")
+    p.add_argument("--scores", type=names, help="comma-separated score names (default: all)")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,7 +100,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format", required=True, choices=["json", "duo", "layer-heads", "moa", "head-scores"]
     )
-    p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument("--out", required=True, type=output_dir, help="directory to write into")
     p.add_argument(
         "--values",
         choices=["scores", "binary"],
@@ -102,10 +118,10 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     selection = p.add_mutually_exclusive_group()
     selection.add_argument(
         "--threshold",
-        type=float,
+        type=real(),
         help="full when KV score > this (default: the score's own threshold)",
     )
-    selection.add_argument("--full-fraction", type=float, help="share of KV heads kept full")
+    selection.add_argument("--full-fraction", type=real(0, 1), help="share of KV heads kept full")
     p.add_argument(
         "--gqa",
         choices=["max", "mean"],
@@ -113,8 +129,12 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
         help="query-head scores -> KV-head score (default max)",
     )
     p.add_argument("--full-label", default="retrieval", help="label that needs the full cache")
-    p.add_argument("--sink-size", type=int, default=4, help="sink tokens for streaming heads")
-    p.add_argument("--recent-size", type=int, default=256, help="recent window for streaming heads")
+    p.add_argument(
+        "--sink-size", type=integer(0), default=4, help="sink tokens for streaming heads"
+    )
+    p.add_argument(
+        "--recent-size", type=integer(1), default=256, help="recent window for streaming heads"
+    )
     p.add_argument("--model", help="refuse the run unless its model has this name")
     p.add_argument(
         "--heads",
@@ -130,24 +150,24 @@ def _evaluate_map_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", help="score deciding full heads (default: the --full-label one)")
     p.add_argument(
         "--full-fractions",
-        type=number_list(float),
+        type=number_list(float, 0, 1),
         default=[0.1, 0.25, 0.5],
         help="shares of KV heads kept full, top by score (default 0.1,0.25,0.5); the score's "
         "own threshold is always tested too",
     )
-    p.add_argument("--lengths", type=number_list(int), default=[512, 1024, 2048])
-    p.add_argument("--depths", type=number_list(float), default=[0.25, 0.5, 0.75])
-    p.add_argument("--needles", type=int, default=2, help="prose task: the first n needles")
+    p.add_argument("--lengths", type=number_list(int, 1), default=[512, 1024, 2048])
+    p.add_argument("--depths", type=number_list(float, 0, 1), default=[0.25, 0.5, 0.75])
+    p.add_argument("--needles", type=integer(1), default=2, help="prose task: the first n needles")
     p.add_argument(
         "--needle",
-        type=int,
+        type=integer(0),
         action="append",
         help="prose task: this needle only (index into workbench.tasks.needle.NEEDLES; repeatable)",
     )
-    p.add_argument("--trials", type=int, default=4, help="toy-recall task: trials per cell")
+    p.add_argument("--trials", type=integer(1), default=4, help="toy-recall task: trials per cell")
     p.add_argument("--task", choices=["auto", "prose", "toy-recall"], default="auto")
-    p.add_argument("--sink-size", type=int, default=4, help="sink tokens of streaming heads")
-    p.add_argument("--recent-size", type=int, default=256, help="window of streaming heads")
+    p.add_argument("--sink-size", type=integer(0), default=4, help="sink tokens of streaming heads")
+    p.add_argument("--recent-size", type=integer(1), default=256, help="window of streaming heads")
     p.add_argument(
         "--prefill",
         choices=["exact", "streamed"],
@@ -156,10 +176,12 @@ def _evaluate_map_arguments(p: argparse.ArgumentParser) -> None:
         "prefilled exactly and the question and answer see the compressed cache (kvpress)",
     )
     p.add_argument("--gqa", choices=["max", "mean"], default="max")
-    p.add_argument("--max-new", type=int, default=40, help="tokens to decode per answer")
-    p.add_argument("--seed", type=int, default=0, help="seed of trials and random maps")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--out", help="also write the table as JSON here")
+    p.add_argument("--max-new", type=integer(1), default=40, help="tokens to decode per answer")
+    p.add_argument(
+        "--seed", type=integer(0, 2**32 - 1), default=0, help="seed of trials and random maps"
+    )
+    p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", type=output_file, help="also write the table as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -167,18 +189,20 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="built-in name, HF directory, .gguf file or hub name")
     p.add_argument("--prompts", required=True, help="shipped prompt set or .jsonl/.txt file")
     p.add_argument("--hooks", required=True, help="hook-name glob(s), e.g. 'blocks.*.attn.hook_z'")
-    p.add_argument("--out", required=True, help="cache file to write (.h5)")
-    p.add_argument("--max-tokens", type=int, help="truncate prompts to this many tokens")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", required=True, type=output_file, help="cache file to write (.h5)")
+    p.add_argument("--max-tokens", type=integer(1), help="truncate prompts to this many tokens")
+    p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _train_toy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="toy-bb, toy-recall or toy-ioi")
-    p.add_argument("--out", help="checkpoint directory (default data/models/NAME)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, init and batch order")
-    p.add_argument("--steps", type=int, help="training steps (default: the shipped model's)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", type=output_dir, help="checkpoint directory (default data/models/NAME)")
+    p.add_argument(
+        "--seed", type=integer(0, 2**32 - 1), default=0, help="seed of data, init and batch order"
+    )
+    p.add_argument("--steps", type=integer(1), help="training steps (default: the shipped model's)")
+    p.add_argument("--device", type=device, help="cpu or cuda (default: cuda when available)")
 
 
 COMMANDS = [
@@ -241,7 +265,7 @@ ALL_COMMANDS: list[Command] = [*COMMANDS, *app_cli.COMMANDS, *interventions_cli.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="workbench",
         description="Find what each attention head does, show it causally, export head maps.",
     )

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench import distributed
-from workbench.atomic import atomic_write_text
+from workbench.atomic import atomic_write_text, check_output
 from workbench.cache import write_cache
 from workbench.errors import DistributedError, WorkbenchError
 from workbench.export import export, select_full
@@ -35,7 +35,7 @@ from workbench.toys import train_toy
 
 def run_scan(args: argparse.Namespace) -> None:
     """``workbench scan``."""
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.model).stem}.h5"
+    out = Path(args.out) if args.out else check_output(Path("runs") / f"{Path(args.model).stem}.h5")
     # under torchrun each rank scans its share of the prompts on its own GPU (workbench.distributed)
     ranks = distributed.init_from_env()
     try:
@@ -51,7 +51,7 @@ def run_scan(args: argparse.Namespace) -> None:
         result = scan(
             model,
             args.prompts,
-            probes=args.probes,
+            probes=",".join(args.probes),
             out=out,
             max_tokens=args.max_tokens,
             batch_size=args.batch_size,
@@ -69,7 +69,7 @@ def run_scan(args: argparse.Namespace) -> None:
 def run_show(args: argparse.Namespace) -> None:
     """``workbench show``."""
     with open_run(args.run) as run:
-        names = args.scores.split(",") if args.scores else run.score_names
+        names = args.scores or run.score_names
         tables = {name: run.score(name) for name in names}
         info = run.model
         inputs = ", ".join(f"{m} ({run.n_items(m)} items)" for m in run.measurement_names)
@@ -185,7 +185,5 @@ def run_cache(args: argparse.Namespace) -> None:
 
 def run_train_toy(args: argparse.Namespace) -> None:
     """``workbench train-toy``."""
-    if args.steps is not None and args.steps < 1:
-        raise WorkbenchError(f"--steps must be a positive number of steps, not {args.steps}")
     out = train_toy(args.name, args.out, seed=args.seed, steps=args.steps, device=args.device)
     print(f"toy model: {out}")

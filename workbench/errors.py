@@ -59,6 +59,11 @@ class OutputLockedError(OutputError):
     message names the lock file and the process that holds it."""
 
 
+class DeviceError(WorkbenchError, ValueError):
+    """The requested device is no device name, or this machine (or this torch build) does not
+    have it (``workbench.placement.resolve``)."""
+
+
 class DistributedError(WorkbenchError):
     """A data-parallel or multi-device run cannot go on (a rank failed, devices do not fit)."""
 

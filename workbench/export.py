@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.atomic import atomic_write_text
+from workbench.atomic import atomic_files, atomic_write_text
 from workbench.headmap import HeadMap, HeadMapError
 
 FORMATS = ("json", "duo", "layer-heads", "head-scores")
@@ -117,10 +117,9 @@ def _duo(headmap: HeadMap, selection: Selection, out: Path) -> list[Path]:
         "selection": selection.rule,
         "model": headmap.model.name,
     }
-    return [
-        atomic_write_text(out / "full_attention_heads.tsv", "\n".join(rows) + "\n"),
-        _write_json(out / "config.json", config),
-    ]
+    # the two files are one map: both are written before either replaces its old version
+    files = {"full_attention_heads.tsv": "\n".join(rows) + "\n", "config.json": _json_text(config)}
+    return atomic_files(out, files)
 
 
 def _layer_heads(headmap: HeadMap, selection: Selection) -> dict[str, list[int]]:
@@ -144,5 +143,9 @@ def _head_scores(headmap: HeadMap, name: str) -> dict[str, list[float]]:
     return result
 
 
+def _json_text(document: object) -> str:
+    return json.dumps(document, indent=1, sort_keys=True) + "\n"
+
+
 def _write_json(path: Path, document: object) -> Path:
-    return atomic_write_text(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
+    return atomic_write_text(path, _json_text(document))

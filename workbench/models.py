@@ -25,10 +25,14 @@ import hashlib
 import itertools
 import json
 import os
+import re
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -419,25 +423,64 @@ def _load_hub(
 ) -> Model:
     from transformers import AutoConfig, AutoTokenizer
 
+    builtins = ", ".join([*BUILTINS, *toy_names()])
+    if not HUB_NAME.fullmatch(spec) or "--" in spec or ".." in spec:
+        raise UnknownModelError(
+            f"unknown model {spec!r}: not a built-in ({builtins}), not a local path, and not a "
+            "Hugging Face hub name (NAME or ORG/NAME)"
+        )
+    # Offline (HF_HUB_OFFLINE, or no answer from the hub within seconds), only the local hub
+    # cache is read: no five retries with backoff before the same answer.
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        offline = "HF_HUB_OFFLINE is set and it is not in the local hub cache"
+    elif not _hub_reachable():
+        offline = "the Hugging Face hub cannot be reached and it is not in the local hub cache"
+    else:
+        offline = ""
+    local = {"revision": revision, "local_files_only": bool(offline)}
     try:
-        config = AutoConfig.from_pretrained(spec, revision=revision)
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(spec, **local)
     except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        reason = "HF_HUB_OFFLINE is set" if offline else "not found on the Hugging Face hub"
-        builtins = ", ".join([*BUILTINS, *toy_names()])
+        reason = offline or "not found on the Hugging Face hub"
         raise UnknownModelError(
             f"unknown model {spec!r}: not a built-in ({builtins}), not a local path, and {reason}"
         ) from e
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(spec, **local)
             hf = _auto_class(config).from_pretrained(
-                spec, config=config, revision=revision, dtype=dtype, **placement
+                spec, config=config, dtype=dtype, **local, **placement
             )
     except Exception as e:
         raise ModelLoadError(f"could not load {spec!r} from the Hugging Face hub: {e}") from e
     resolved = getattr(hf.config, "_commit_hash", None) or revision or "main"
     return Model(_model_info(hf.config, name=spec, source="hub", revision=resolved), hf, tokenizer)
+
+
+# A hub repository id: NAME or ORG/NAME, letters, digits, '-', '_', '.' (at most 96 each).
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host (``HF_ENDPOINT``) accepts a TCP connection within ``timeout``
+    seconds, name lookup included; True behind an HTTP proxy, which this cannot test."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    from huggingface_hub import constants  # only hub loads need it
+
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    answered: list[bool] = []
+
+    def connect() -> None:
+        with contextlib.suppress(OSError), socket.create_connection(address, timeout=timeout):
+            answered.append(True)
+
+    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
 
 
 def _auto_class(config: Any) -> Any:
@@ -490,13 +533,16 @@ def _model_info(config: Any, *, name: str, source: str, revision: str) -> ModelI
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports (missing MLM-head weights etc.) during a load."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    before = hf_logging.get_verbosity()
+    before, hub_before = hf_logging.get_verbosity(), hub_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # the hub client's retry warnings
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(before)
+        hub_logging.set_verbosity(hub_before)
         hf_logging.enable_progress_bar()

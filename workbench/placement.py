@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from workbench.errors import DeviceError
+
 
 def resolve(
     device: str | torch.device | None,
@@ -32,6 +34,7 @@ def resolve(
 
     Raises:
         ValueError: both ``device`` and ``device_map``, or ``max_memory`` without a device map.
+        DeviceError: ``device`` is no device name, or this machine or torch build lacks it.
     """
     if device_map is not None and device is not None:
         raise ValueError("pass either device (one device) or device_map (several), not both")
@@ -39,7 +42,27 @@ def resolve(
         raise ValueError("max_memory applies to a device_map; pass device_map too")
     if device_map is not None:
         return None, {"device_map": device_map, "max_memory": max_memory}
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), {}
+    return _available(device or ("cuda" if torch.cuda.is_available() else "cpu")), {}
+
+
+def _available(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` when this process can place a model there."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"{device!r} is not a device name (cpu, cuda, cuda:1, mps...)") from e
+    if resolved.type in ("cpu", "meta"):
+        return resolved
+    backend = getattr(torch, resolved.type, None)  # torch.cuda, torch.xpu, torch.mps, ...
+    if backend is None or not backend.is_available():
+        raise DeviceError(
+            f"device {resolved} is not available: this machine or this torch build "
+            f"({torch.__version__}) has no {resolved.type}; use cpu"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if resolved.index is not None and resolved.index >= count:
+        raise DeviceError(f"device {resolved} does not exist: this machine has {count}")
+    return resolved
 
 
 def place(module: torch.nn.Module, device: torch.device | None) -> None:

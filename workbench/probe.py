@@ -17,7 +17,9 @@ prompts. A scan (:func:`workbench.scanner.scan`, on one process or over ranks wi
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +47,14 @@ class ScanContext:
     max_tokens: int | None = None
     path: str = "auto"  # capture path: "auto", "pattern" or "streamed"
     options: dict[str, Any] = field(default_factory=dict)  # probe-specific, e.g. lengths
+    # the option names the probes asked for (:meth:`option`), for :meth:`check_options`
+    asked: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and not _positive_int(self.max_tokens):
+            raise ProbeOptionError(
+                f"max_tokens must be a positive number of tokens (or None), got {self.max_tokens!r}"
+            )
 
     def option(self, name: str, default: Any) -> Any:
         """Option ``name`` converted to the type of ``default``: bool, int, float, str, or a tuple
@@ -55,15 +65,16 @@ class ScanContext:
         (``options={"retrieval_lengths": 1024}``, ``"512,1024"``, ``[512, 1024]``) alike.
 
         Raises:
-            ProbeOptionError: the value does not convert.
+            ProbeOptionError: the value does not convert (a float must be finite).
         """
+        self.asked.add(name)
         value = self.options.get(name, default)
         kind = type(default[0]) if isinstance(default, tuple) and default else str
         try:
             if isinstance(default, tuple):
                 return tuple(_convert(item, kind) for item in _items(value))
             return _convert(value, type(default))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             what = (
                 f"a single {kind.__name__}, a comma list or a JSON list of them"
                 if isinstance(default, tuple)
@@ -73,9 +84,27 @@ class ScanContext:
                 f"option {name}={value!r}: expected {what} (default {default!r})"
             ) from None
 
+    def check_options(self) -> None:
+        """Refuse options that no probe asked for (a misspelled key would otherwise change
+        nothing, silently): :class:`ProbeOptionError` names the closest option the probes read.
+        Called once every probe has built its measurements (where probes read options)."""
+        unknown = sorted(set(self.options) - self.asked)
+        if not unknown:
+            return
+        close = difflib.get_close_matches(unknown[0], sorted(self.asked), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ProbeOptionError(
+            f"option {unknown[0]!r} is read by none of this scan's probes{hint}; they read: "
+            f"{', '.join(sorted(self.asked)) or 'no options'}"
+        )
+
     def token_ids(self) -> list[np.ndarray]:
         """The scan's prompts tokenized, each ``[seq]``."""
         return [self.model.tokenize(t, self.max_tokens).numpy() for t in self.prompts.texts]
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _items(value: Any) -> list[Any]:
@@ -115,7 +144,10 @@ def _convert(value: Any, kind: type) -> Any:
         return int(number)
     if kind is float and isinstance(value, bool):
         raise ValueError(value)
-    return kind(value.strip() if isinstance(value, str) else value)
+    converted = kind(value.strip() if isinstance(value, str) else value)
+    if kind is float and not math.isfinite(converted):
+        raise ValueError(value)
+    return converted
 
 
 @dataclass
@@ -160,6 +192,8 @@ def measure(
     on, in batches of ``batch_size``; returns the items measured here, each statistic stacked
     ``[n_measured, ...]``. ``on_batch(first, batch)`` gets each batch and its first position in
     ``items`` (a run file's checkpoint)."""
+    if not _positive_int(batch_size):
+        raise ProbeOptionError(f"batch_size must be a positive integer, got {batch_size!r}")
     items = list(range(len(m.texts))) if items is None else items
     collected: list[Stats] = []
     batch: list[Stats] = []

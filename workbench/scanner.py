@@ -152,6 +152,7 @@ def scan(
         for probe in chosen:
             for m in probe.measurements(ctx):
                 measurements.setdefault(m.key, m)
+    ctx.check_options()
     parameters = {
         "max_tokens": max_tokens,
         "path": path,

@@ -29,6 +29,7 @@ from workbench.tasks.templated import (
     pad_id_of,
     render,
     single_token_words,
+    template_indices,
     word_id,
 )
 
@@ -101,7 +102,7 @@ class ColoredObjectsTask:
             raise TaskBuildError("a colored-objects dataset needs at least one prompt")
         words = self.usable_words(tokenizer)
         rng = np.random.default_rng(seed)
-        allowed = list(range(len(self.templates))) if templates is None else list(templates)
+        allowed = template_indices(templates, len(self.templates))
         draws = []
         for _ in range(n):
             colors = [str(c) for c in rng.choice(words["colors"], size=3, replace=False)]

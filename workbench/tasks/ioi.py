@@ -40,6 +40,7 @@ from workbench.tasks.templated import (
     pad_id_of,
     render,
     single_token_words,
+    template_indices,
     word_id,
 )
 
@@ -131,7 +132,7 @@ class IOITask:
             raise TaskBuildError("an IOI dataset needs at least one prompt")
         words = self.usable_words(tokenizer)
         rng = np.random.default_rng(seed)
-        allowed = list(range(len(self.templates))) if templates is None else list(templates)
+        allowed = template_indices(templates, len(self.templates))
         draws = []
         for i in range(n):
             t = int(rng.choice(allowed))

@@ -53,6 +53,25 @@ def _one_token(tokenizer: Any, word: str) -> int | None:
     return ids[0]
 
 
+def template_indices(templates: Sequence[int] | None, n_templates: int) -> list[int]:
+    """The template indices a task may draw from: all ``n_templates`` for None, else
+    ``templates``, each an integer in ``[0, n_templates)`` and at least one (a
+    :class:`TaskBuildError` otherwise)."""
+    if templates is None:
+        return list(range(n_templates))
+    allowed = list(templates)
+    bad = [
+        t
+        for t in allowed
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_templates
+    ]
+    if bad or not allowed:
+        raise TaskBuildError(
+            f"templates must be indices 0..{n_templates - 1} (at least one), got {allowed}"
+        )
+    return allowed
+
+
 def single_token_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
     """The words of ``words`` that the tokenizer encodes as one known token after a space."""
     return [w for w in words if _one_token(tokenizer, w) is not None]
