@@ -1,8 +1,13 @@
 """The Dash explorer of run files: ``workbench app [RUN...]`` serves it on 127.0.0.1.
 
 Pages (one module each in :mod:`app.pages`): Runs (the runs directory), Atlas (layer × head
-grid and the head-fingerprint embedding), Head (one head's scores, pattern and statistics along
-positions), Intervention lab, Circuit, Compare (two runs side by side). Run files are read only
+grid by score, label or circuit class, the sortable head table with CSV, the head-fingerprint
+map), Head (a head picker; one head's scores, where it scores highest, and on a prompt of the
+scan, a task, a circuit or typed text: its tokens with hover, its pattern and its layer's,
+statistics along positions, what it writes), Intervention lab (evaluation against random heads
+or a per-head sweep, results kept in the run file), Circuit (directed graph, evidence, ablation
+links), Compare (two runs side by side). A go-to box above every page opens a head by
+``layer.head``. Guide: docs/explorer.md. Run files are read only
 through :func:`workbench.open_run`, and only those inside the runs directory or named on the
 command line (:mod:`app.catalog`).
 """

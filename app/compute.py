@@ -1,22 +1,33 @@
-"""Model work for the explorer: one loaded copy of each model per server process.
+"""Model work for the explorer: one loaded copy of each model per server process, and one
+forward pass per prompt and layer for every view of it.
 
 :class:`ModelPool` loads the model a run was made with (from the run's model identity) the first
-time a page needs it and keeps it; every later request and background job of the same server
-process reuses it. Forward passes that install hooks or swap the attention function take the
-model's lock, so two browser tabs never interleave their hooks on one model.
+time a page needs it, warms it up with one short forward pass, and keeps it; every later request
+and background job of the same server process reuses it. Forward passes that install hooks or
+swap the attention function take the model's lock, so two browser tabs never interleave their
+hooks on one model.
 
-Head views:
+The Head page's views of one layer on one prompt come from :func:`layer_forward`, cached by
+(model, token ids, layer, query window) in :class:`ForwardCache`:
 
-* :func:`workbench.figures.head_pattern` -- one head's attention pattern on a short prompt, from
-  TransformerLens's ``blocks.{l}.attn.hook_pattern`` on the model's bridge.
-* :func:`head_positions` -- the same head's statistics along positions at any length, from the
-  streamed path (:class:`workbench.capture.StreamedRecorder`): no L×L matrix is formed.
+* per-position statistics of every head of the layer (first-token mass, entropy, the key each
+  query attends to most and its weight, attention received per key) from the streamed path
+  (:class:`workbench.capture.StreamedRecorder`, the kernels): no L×L matrix, any length;
+* the exact pattern rows of a window of at most :data:`PATTERN_WINDOW` queries, every head of
+  the layer, from the pattern path (:func:`workbench.capture.run_with_patterns`; the whole
+  prompt when it is that short), when :func:`workbench.capture.resolve_path` picks the pattern
+  path for the prompt's length;
+* what each head writes, as the unembedding reads it (:attr:`LayerForward.writes`): direct logit
+  attribution per position is ``writes[head] @ W_U`` (:func:`logit_attribution`).
+
+Switching heads within a layer, or hovering tokens, needs no new forward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,13 +35,15 @@ import numpy as np
 import torch
 
 import workbench
-from workbench.capture import StreamedRecorder
-from workbench.errors import ModelLoadError
+from workbench.capture import StreamedRecorder, resolve_path, run_with_patterns
+from workbench.errors import CaptureError, ModelLoadError
 from workbench.models import Model, ModelInfo
 from workbench.store import check_run_model
+from workbench.tasks import get_task
 
-# Above this many tokens a pattern heatmap has unreadable labels; the page shows positions only.
-PATTERN_MAX_TOKENS = 64
+# Above this many tokens the browser gets no full pattern, only the rows of a query window.
+PATTERN_WINDOW = 64
+WARM_UP_TEXT = "The first forward pass of a model initialises what later passes reuse."
 
 
 def model_spec(info: ModelInfo) -> str:
@@ -66,9 +79,18 @@ class ModelPool:
             if key not in self._models:
                 model = workbench.load(key[0], device=self.device)
                 check_run_model(info, model.info, f"the run (its model reloaded from {key[0]!r})")
+                # the first passes through the TransformerLens bridge initialise it (seconds on
+                # a CPU); pay that here, once, not on the first pattern a user asks for
+                run_with_patterns(model, model.tokenize(WARM_UP_TEXT), lambda *_: None)
                 self._models[key] = model
                 self.loads += 1
             return self._models[key]
+
+    def loaded_model(self, info: ModelInfo) -> Model | None:
+        """The model of a run if this process has loaded it already (never loads)."""
+        with contextlib.suppress(ModelLoadError):
+            return self._models.get((model_spec(info), info.config_hash))
+        return None
 
     def lock(self, info: ModelInfo) -> threading.Lock:
         """Held around forward passes that hook or patch the model."""
@@ -85,8 +107,9 @@ _POOL = ModelPool()
 
 def configure(device: str | None) -> None:
     """Set the device models of this server process load on (before any is loaded)."""
-    global _POOL
+    global _POOL, _FORWARDS
     _POOL = ModelPool(device)
+    _FORWARDS = ForwardCache()
 
 
 def pool() -> ModelPool:
@@ -95,11 +118,11 @@ def pool() -> ModelPool:
 
 @dataclass
 class PositionStats:
-    """One head's statistics along the positions of one prompt (any length)."""
+    """One head's statistics along the positions of one prompt (any length), from the kernels."""
 
     first_token_mass: np.ndarray  # [q_pos]: A[i, 0]
     entropy: np.ndarray  # [q_pos]: -sum_j A[i, j] log A[i, j] (nats)
-    max_prob: np.ndarray  # [q_pos]
+    max_prob: np.ndarray  # [q_pos]: the largest weight of query i
     argmax: np.ndarray  # [q_pos]: the key each query attends to most
     received: np.ndarray  # [k_pos]: sum_i A[i, k] (column sums)
     received_rate: np.ndarray  # [k_pos]: received / number of queries that see key k
@@ -108,6 +131,11 @@ class PositionStats:
         """(position, received rate, column sum) of the ``k`` keys with the highest rate."""
         order = np.argsort(-self.received_rate, kind="stable")[:k]
         return [(int(p), float(self.received_rate[p]), float(self.received[p])) for p in order]
+
+    def top_queries(self, k: int = 10) -> list[tuple[int, int, float]]:
+        """(query, the key it attends to most, that weight) of the ``k`` most focused queries."""
+        order = np.argsort(-self.max_prob, kind="stable")[:k]
+        return [(int(q), int(self.argmax[q]), float(self.max_prob[q])) for q in order]
 
 
 def _blocks(model: Model) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
@@ -142,31 +170,209 @@ def first_blocks(
 
 
 @torch.no_grad()
-def head_positions(
+def layer_positions(
     model: Model,
     token_ids: torch.Tensor,
     layer: int,
-    head: int,
     on_block: Callable[[int, int], None] | None = None,
-) -> PositionStats:
-    """Streamed per-position statistics of one head (``token_ids: [seq]``), no L×L tensor.
-
-    Only blocks 0..layer run; ``on_block`` reports each (see :func:`first_blocks`)."""
+) -> list[PositionStats]:
+    """Streamed per-position statistics of every head of ``layer`` (``token_ids: [seq]``), one
+    :class:`PositionStats` per head; no L×L tensor. Only blocks 0..layer run; ``on_block``
+    reports each (see :func:`first_blocks`)."""
     with (
         first_blocks(model, layer + 1, on_block),
         StreamedRecorder(model.hf, sink_size=1, received=True) as recorder,
     ):
         model.hf(token_ids[None].to(model.device), use_cache=False)
     stats = recorder.stats[layer]  # fields [batch, n_heads, q_pos]
-    received = recorder.received[layer][0, head].float().numpy()  # [k_pos]
-    n = received.shape[0]
+    received = recorder.received[layer][0].float().numpy()  # [n_heads, k_pos]
+    n = received.shape[1]
     # queries that see key k: n - k when causal (queries k..n-1), all n when bidirectional
     seen_by = np.arange(n, 0, -1) if model.info.causal else np.full(n, n)
-    return PositionStats(
-        first_token_mass=stats.sink_mass[0, head].float().numpy(),
-        entropy=stats.entropy[0, head].float().numpy(),
-        max_prob=stats.max_prob[0, head].float().numpy(),
-        argmax=stats.argmax[0, head].numpy(),
-        received=received,
-        received_rate=received / seen_by,
+    return [
+        PositionStats(
+            first_token_mass=stats.sink_mass[0, head].float().numpy(),
+            entropy=stats.entropy[0, head].float().numpy(),
+            max_prob=stats.max_prob[0, head].float().numpy(),
+            argmax=stats.argmax[0, head].numpy(),
+            received=received[head],
+            received_rate=received[head] / seen_by,
+        )
+        for head in range(model.info.n_heads)
+    ]
+
+
+def query_window(n_tokens: int, start: int | None) -> tuple[int, int]:
+    """The query rows ``[start, stop)`` whose pattern the page draws: the whole prompt up to
+    :data:`PATTERN_WINDOW` tokens, else :data:`PATTERN_WINDOW` rows from ``start`` (default:
+    the last rows), kept inside the prompt."""
+    if n_tokens <= PATTERN_WINDOW:
+        return 0, n_tokens
+    last = n_tokens - PATTERN_WINDOW
+    start = last if start is None else min(max(int(start), 0), last)
+    return start, start + PATTERN_WINDOW
+
+
+@dataclass
+class LayerForward:
+    """Every view of one layer on one prompt (``token_ids [seq]``)."""
+
+    token_ids: np.ndarray  # [seq]
+    layer: int
+    window: tuple[int, int]  # the query rows [start, stop) of ``pattern``
+    positions: list[PositionStats]  # one per head of the layer, from the kernels
+    # [n_heads, stop - start, seq] exact pattern rows; None when the prompt is too long for the
+    # pattern path (resolve_path)
+    pattern: np.ndarray | None
+    # [n_heads, seq, d_model]: each head's output z_h W_O^h as the unembedding reads it (final
+    # norm at the run's own scale, frozen, times its weight); None with ``pattern``
+    writes: np.ndarray | None
+    unembed: torch.Tensor | None  # [d_model, vocab], the model's W_U (shared, not a copy)
+
+
+@torch.no_grad()
+def layer_forward(
+    model: Model,
+    token_ids: torch.Tensor,
+    layer: int,
+    window_start: int | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> LayerForward:
+    """One pass of each capture path over ``token_ids [seq]`` for the views of ``layer``.
+
+    The pattern path runs when :func:`workbench.capture.resolve_path` picks it for this length;
+    it keeps only ``layer``'s pattern rows of the query window (:func:`query_window`) and the
+    layer's ``hook_z`` and the final norm's scale, from which :attr:`LayerForward.writes` is
+    the direct logit attribution's input (as in TransformerLens's ``cache.stack_head_results``
+    followed by ``logit_attrs``). Hold the model's lock.
+    """
+    if not 0 <= layer < model.info.n_layers:
+        raise CaptureError(f"layer {layer} is outside the model's {model.info.n_layers} layers")
+    n = int(token_ids.numel())
+    positions = layer_positions(model, token_ids, layer, on_block)
+    window = query_window(n, window_start)
+    if resolve_path("auto", n) != "pattern":
+        return LayerForward(token_ids.numpy(), layer, window, positions, None, None, None)
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep_pattern(at: int, pattern: torch.Tensor) -> None:  # [head, q_pos, k_pos]
+        if at == layer:
+            kept["pattern"] = pattern[:, window[0] : window[1]].cpu().clone()
+
+    def keep(name: str) -> Callable[[torch.Tensor, object], None]:
+        return lambda tensor, hook: kept.__setitem__(name, tensor[0].detach().float().cpu())
+
+    run_with_patterns(
+        model,
+        token_ids,
+        keep_pattern,
+        extra=[
+            (f"blocks.{layer}.attn.hook_z", keep("z")),  # [pos, head, d_head]
+            ("ln_final.hook_scale", keep("scale")),  # [pos, 1]
+        ],
     )
+    bridge = model.bridge()
+    w_o = bridge.W_O[layer].detach().float().cpu()  # [head, d_head, d_model]
+    out = torch.einsum("phd,hdm->hpm", kept["z"], w_o)  # [head, pos, d_model]
+    if bridge.cfg.normalization_type in ("LN", "LNPre"):
+        out = out - out.mean(-1, keepdim=True)  # LayerNorm centres before it scales
+    out = out / kept["scale"][None]  # the run's own final-norm scale per position, frozen
+    norm = getattr(bridge.ln_final, "_original_component", bridge.ln_final)
+    weight = getattr(norm, "weight", None)
+    if weight is not None:
+        out = out * weight.detach().float().cpu()
+    unembed = bridge.W_U.detach().float().cpu()  # [d_model, vocab]
+    return LayerForward(
+        token_ids.numpy(), layer, window, positions, kept["pattern"].numpy(), out.numpy(), unembed
+    )
+
+
+def logit_attribution(forward: LayerForward, head: int) -> np.ndarray:
+    """``[seq, vocab]``: what ``head`` adds to every logit at every position through the direct
+    path (its output read by the unembedding at the frozen final-norm scale)."""
+    if forward.writes is None or forward.unembed is None:
+        raise CaptureError("the prompt is too long for the pattern path: no head outputs kept")
+    return (torch.from_numpy(forward.writes[head]) @ forward.unembed).numpy()
+
+
+class ForwardCache:
+    """The last few :class:`LayerForward` results, keyed by (model, token ids, layer, window):
+    moving between the heads of a layer, or back to a prompt, runs no model."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, LayerForward] = OrderedDict()
+        self._lock = threading.Lock()
+        self.misses = 0  # forward passes actually run (the page shows whether one was reused)
+
+    def get(
+        self,
+        model: Model,
+        token_ids: torch.Tensor,
+        layer: int,
+        window_start: int | None = None,
+        on_block: Callable[[int, int], None] | None = None,
+    ) -> tuple[LayerForward, bool]:
+        """(the views of ``layer`` on ``token_ids``, whether they came from the cache). Hold the
+        model's lock when it may run."""
+        window = query_window(int(token_ids.numel()), window_start)
+        key = (
+            model.info.name,
+            model.info.config_hash,
+            token_ids.numpy().astype(np.int64).tobytes(),
+            layer,
+            window,
+        )
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key], True
+        forward = layer_forward(model, token_ids, layer, window[0], on_block)
+        with self._lock:
+            self.misses += 1
+            self._items[key] = forward
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return forward, False
+
+
+_FORWARDS = ForwardCache()
+
+
+def forwards() -> ForwardCache:
+    return _FORWARDS
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    """One prompt of a task, as the Head page shows it."""
+
+    token_ids: torch.Tensor  # [seq]
+    target: int | None  # the answer's token id after the last position (templated tasks)
+    foil: int | None  # the competing token id (the subject, in IOI)
+
+
+_TASK_PROMPTS: dict[tuple, list[TaskPrompt]] = {}
+
+
+def task_prompts(model: Model, name: str, **options: object) -> list[TaskPrompt]:
+    """The prompts of task ``name`` (:func:`workbench.tasks.get_task` with ``options``) for this
+    model's tokenizer, in the task's example order; built once per process."""
+    key = (model.info.name, model.info.config_hash, name, tuple(sorted(options.items())))
+    if key not in _TASK_PROMPTS:
+        task = get_task(name, kind="metric", **options)
+        found: list[tuple[int, TaskPrompt]] = []
+        for order, batch in enumerate(task.batches(model, 1)):  # one prompt per batch
+            target, foil = batch.data.get("target"), batch.data.get("foil")
+            found.append(
+                (
+                    batch.index[0] if batch.index is not None else order,
+                    TaskPrompt(
+                        batch.tokens[0].cpu(),
+                        None if target is None else int(target[0]),
+                        None if foil is None else int(foil[0]),
+                    ),
+                )
+            )
+        _TASK_PROMPTS[key] = [prompt for _, prompt in sorted(found, key=lambda item: item[0])]
+    return _TASK_PROMPTS[key]

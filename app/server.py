@@ -19,10 +19,10 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import dash
-from dash import Input, Output, dcc, html
+from dash import Input, Output, State, dcc, html, no_update
 
 from app import catalog, compute
-from app.components import error_panel, href
+from app.components import error_panel, href, parse_heads
 from app.jobs import ThreadJobManager
 from workbench.errors import WorkbenchError
 
@@ -77,6 +77,19 @@ def create_app(
                         dcc.Link(title, href=path, id=f"nav-{path.strip('/') or 'runs'}")
                         for _, path, title in PAGES
                     ],
+                    html.Div(
+                        [
+                            dcc.Input(
+                                id="goto-head",
+                                placeholder="go to head, e.g. 17.3",
+                                debounce=True,
+                                type="text",
+                            ),
+                            html.Span(id="goto-error", className="goto-error"),
+                            dcc.Location(id="goto-nav", refresh="callback-nav"),
+                        ],
+                        className="goto",
+                    ),
                 ],
                 className="nav",
             ),
@@ -114,6 +127,32 @@ def _preload(module: str) -> None:
 def _carry_run(_path: str | None, search: str | None) -> list:
     run = parse_qs((search or "").lstrip("?")).get("run", [None])[0]
     return [*(path if path == "/" else href(path, run=run) for _, path, _ in PAGES), None]
+
+
+@dash.callback(
+    Output("goto-nav", "href"),
+    Output("goto-error", "children"),
+    Input("goto-head", "value"),
+    State("_pages_location", "search"),
+    prevent_initial_call=True,
+)
+def _go_to_head(text: str | None, search: str | None):
+    """The go-to box: ``17.3`` (or ``L17H3``) opens that head of the run this page shows."""
+    if not (text or "").strip():
+        return no_update, ""
+    query = parse_qs((search or "").lstrip("?"))
+    run = query.get("run", query.get("a", [None]))[0]
+    if not run:
+        return no_update, "open a run first"
+    try:
+        with catalog.current().open(run) as r:
+            heads = parse_heads(text, r.model)
+    except (WorkbenchError, ValueError) as e:
+        return no_update, str(e)
+    if len(heads) != 1:
+        return no_update, "type one head, e.g. 17.3"
+    ((layer, head),) = heads
+    return href("/head", run=run, layer=layer, head=head), ""
 
 
 def serve(

@@ -1,11 +1,18 @@
-"""Atlas: the layer × head grid coloured by any score or label, and the head-fingerprint map.
+"""Atlas: the layer × head grid coloured by any score, label or stored circuit, the head table,
+and the head-fingerprint map.
 
 The grid is one heatmap (fast at 30+ layers × 32 heads); the range slider greys out heads whose
 score lies outside it, dots mark the heads the probe labelled, and lines separate KV groups
-(grouped-query attention). The second view is :func:`workbench.head_atlas.build_atlas`:
-k-means clusters
-(marker shapes) and a PCA layout of every head's standardised score vector, coloured by the score
-chosen above. Clicking a head in either view opens it on the Head page.
+(grouped-query attention). A stored circuit colours the grid by head class. The head table lists
+every head with every score, its labels and circuit class: sort and filter it in the browser
+(type ``17.3`` in the head column, ``sink`` in the labels column, ``> 0.5`` in a score column),
+or download it as CSV. The fingerprint map is :func:`workbench.head_atlas.build_atlas`: k-means
+clusters (marker shapes, with a legend) and a PCA layout of every head's standardised score
+vector, coloured by the score chosen above. Clicking a head in the grid or the map opens it on
+the Head page.
+
+A model that reads most of the scan's tokens as its unknown token (a toy model fed prose) scores
+near 0 everywhere for no reason of its own; the page says so above the grid.
 """
 
 from __future__ import annotations
@@ -15,24 +22,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, Output, State, callback, dcc, html, no_update
+from dash import Input, Output, State, callback, dash_table, dcc, html, no_update
 
-from app import catalog
+from app import catalog, compute
 from app.components import error_panel, href, note, run_header
+from interventions.circuit import Circuit
 from workbench import figures as figs
 from workbench.errors import WorkbenchError
 from workbench.head_atlas import Atlas, build_atlas
 from workbench.store import open_run
 
-SCORE, LABEL = "score:", "label:"
+SCORE, LABEL, CIRCUIT = "score:", "label:", "circuit:"
 PREFERRED = ("sink", "retrieval", "entropy")  # the first view, when the run has one
 
 
 def _views(run) -> list[dict[str, str]]:
-    return [{"label": f"score · {n}", "value": SCORE + n} for n in run.score_names] + [
-        {"label": f"label · {n}", "value": LABEL + n} for n in run.label_names
-    ]
+    return (
+        [{"label": f"score · {n}", "value": SCORE + n} for n in run.score_names]
+        + [{"label": f"label · {n}", "value": LABEL + n} for n in run.label_names]
+        + [{"label": f"circuit · {n} (classes)", "value": CIRCUIT + n} for n in run.circuit_names]
+    )
+
+
+def _classes(run, name: str) -> dict[tuple[int, int], str]:
+    """(layer, head) -> class of the heads of stored circuit ``name``."""
+    circuit = Circuit.from_json(run.circuit(name))
+    return {(h.layer, h.head): h.role for h in circuit.heads}
 
 
 def layout(run: str | None = None, view: str | None = None, **_query: str) -> html.Div:
@@ -103,8 +120,22 @@ def layout(run: str | None = None, view: str | None = None, **_query: str) -> ht
                 ],
                 className="row between",
             ),
+            dcc.Loading(html.Div(id="atlas-warning")),
             dcc.Graph(id="atlas-grid", config={"displaylogo": False}),
             html.Div(id="atlas-definition", className="definition"),
+            html.H3("Heads"),
+            html.Div(
+                [
+                    note(
+                        "Sort by a column header; filter by typing in the row under it "
+                        "(17.3 in head, sink in labels, > 0.5 in a score)."
+                    ),
+                    html.Button("download CSV", id="atlas-csv", className="button"),
+                    dcc.Download(id="atlas-download"),
+                ],
+                className="row between",
+            ),
+            _head_table(run),
             html.H3("Head fingerprints"),
             dcc.Loading(html.Div(id="atlas-embedding")),
         ],
@@ -120,6 +151,102 @@ def _pick_run() -> html.Div:
     return html.Div([html.H2("Atlas"), note("Choose a run:"), html.Ul(links)], className="page")
 
 
+def head_frame(run) -> pd.DataFrame:
+    """One row per head: ``head`` (``"layer.head"``), layer, index, KV head, every score, the
+    labels it carries and its class in each stored circuit; the atlas's table and CSV."""
+    frame = run.scores_frame().rename(columns={"head": "index"})
+    frame.insert(0, "head", frame["layer"].astype(str) + "." + frame["index"].astype(str))
+    names = run.label_names
+    masks = {name: run.label(name).ravel() for name in names}  # [n_layers * n_heads]
+    frame["labels"] = [
+        ", ".join(name for name in names if masks[name][i]) for i in range(len(frame))
+    ]
+    for name in run.circuit_names:
+        classes = _classes(run, name)
+        frame[f"circuit {name}"] = [
+            classes.get((int(la), int(h)), "")
+            for la, h in zip(frame["layer"], frame["index"], strict=True)
+        ]
+    return frame
+
+
+def _head_table(run_key: str) -> dash_table.DataTable | html.Div:
+    try:
+        with catalog.current().open(run_key) as r:
+            frame = head_frame(r)
+    except WorkbenchError as e:
+        return error_panel(str(e))
+    numeric = frame.select_dtypes("number").columns
+    columns = [
+        {"name": c, "id": c, "type": "numeric", "format": {"specifier": ".4~g"}}
+        if c in numeric
+        else {"name": c, "id": c, "type": "text"}
+        for c in frame.columns
+    ]
+    return dash_table.DataTable(
+        frame.to_dict("records"),
+        columns,
+        id="atlas-table",
+        sort_action="native",
+        filter_action="native",
+        filter_options={"case": "insensitive"},
+        page_size=15,
+        style_table={"overflowX": "auto"},
+        style_cell={"fontSize": 13, "padding": "3px 6px", "fontFamily": "inherit"},
+        style_header={"fontWeight": 600, "backgroundColor": "#f8f9fa"},
+    )
+
+
+@callback(
+    Output("atlas-download", "data"),
+    Input("atlas-csv", "n_clicks"),
+    State("atlas-run", "data"),
+    prevent_initial_call=True,
+)
+def _download(_clicks: int, run: str):
+    """The whole head table as CSV (every head, unfiltered)."""
+    with catalog.current().open(run) as r:
+        frame = head_frame(r)
+    stem = Path(run).stem
+    return dcc.send_data_frame(frame.to_csv, f"{stem}-heads.csv", index=False)
+
+
+UNKNOWN_SHARE = 0.5  # warn when more of the scanned tokens than this are the unknown token
+
+
+@callback(Output("atlas-warning", "children"), Input("atlas-run", "data"))
+def _unknown_tokens(run: str):
+    """A warning panel when the run's model read most scanned tokens as its unknown token."""
+    try:
+        with catalog.current().open(run) as r:
+            info = r.model
+            ids = [
+                np.asarray(r.token_ids(m, i))
+                for m in r.measurement_names
+                for i in range(r.n_items(m))
+            ]
+        unk = compute.pool().get(info).tokenizer.unk_token_id
+    except WorkbenchError:
+        return None  # no model to ask: nothing to say
+    if unk is None or not ids:
+        return None
+    tokens = np.concatenate(ids)
+    share = float((tokens == unk).mean())
+    if share <= UNKNOWN_SHARE:
+        return None
+    return html.Div(
+        [
+            html.Strong("Most of the scanned text is unknown to this model. "),
+            f"{share:.0%} of the {tokens.size} scanned tokens are its unknown token: "
+            f"{info.name}'s tokenizer does not know the scan's words, so the scores below "
+            "describe how it reads <unk>, not what its heads do. Scan prompts in its own "
+            "vocabulary (a toy model's task sequences, say).",
+        ],
+        className="panel warning-panel",
+        role="status",
+    )
+
+
 @callback(
     Output("atlas-range", "min"),
     Output("atlas-range", "max"),
@@ -131,7 +258,7 @@ def _pick_run() -> html.Div:
     State("atlas-run", "data"),
 )
 def _range_for_view(view: str, run: str):
-    if not view.startswith(SCORE):
+    if not view.startswith(SCORE):  # labels and circuit classes: nothing to range over
         return 0, 1, 1, [0, 1], {0: "no", 1: "yes"}, True
     try:
         with catalog.current().open(run) as r:
@@ -157,6 +284,15 @@ def _grid(view: str, value_range: list[float], run: str):
     try:
         with catalog.current().open(run) as r:
             info = r.model
+            if view.startswith(CIRCUIT):
+                name = view.removeprefix(CIRCUIT)
+                return figs.class_heatmap(info, _classes(r, name), f"circuit {name}"), html.P(
+                    [
+                        html.Strong(f"circuit {name}: "),
+                        "each head's class as circuit discovery assigned it (see the Circuit "
+                        "page for the evidence).",
+                    ]
+                )
             if view.startswith(LABEL):
                 name = view.removeprefix(LABEL)
                 mask = r.label(name)
@@ -195,6 +331,10 @@ def _lab_link(view: str, value_range: list[float] | None, run: str):
         with catalog.current().open(run) as r:
             if view.startswith(LABEL):
                 chosen = r.label(view.removeprefix(LABEL))
+            elif view.startswith(CIRCUIT):
+                chosen = np.zeros((r.model.n_layers, r.model.n_heads), dtype=bool)
+                for layer, head in _classes(r, view.removeprefix(CIRCUIT)):
+                    chosen[layer, head] = True
             else:
                 table = r.score(view.removeprefix(SCORE))
                 scale = figs.score_scale(table.name, table.values)
@@ -257,7 +397,9 @@ def _embedding(view: str, run: str):
         with cat.open(run) as r:
             info = r.model
             name = view.removeprefix(SCORE).removeprefix(LABEL)
-            if view.startswith(SCORE):
+            if view.startswith(CIRCUIT):
+                colour, scale = None, None  # classes: the map keeps its cluster colours
+            elif view.startswith(SCORE):
                 colour = r.score(name).values.ravel()
                 scale = figs.score_scale(name, r.score(name).values)
             else:
@@ -268,7 +410,10 @@ def _embedding(view: str, run: str):
     frame = atlas.frame
     index = frame["layer"].to_numpy() * info.n_heads + frame["head"].to_numpy()
     fig = atlas.figure(
-        colour=colour[index], colour_name=name, scale=scale, group_size=info.group_size
+        colour=None if colour is None else colour[index],
+        colour_name=name,
+        scale=scale,
+        group_size=info.group_size,
     )
     summary = atlas.cluster_summary().reset_index()
     table = html.Table(

@@ -1,10 +1,15 @@
-"""Circuit: an IOI-style circuit stored in a run, drawn as a graph of head classes.
+"""Circuit: an IOI-style circuit stored in a run, as a directed graph, its evidence, and the
+lab's ablations of it.
 
 A circuit (Wang et al. 2022: name movers, S-inhibition, induction, duplicate-token, previous-token
 heads and the paths between them) is found by :mod:`interventions.circuit` and stored in the run
 file under ``/circuits/<name>``; this page reads it through :meth:`workbench.Run.circuit` and
-:meth:`interventions.circuit.Circuit.from_json`. Nodes are heads by layer, coloured by class;
-edges carry the path-patching effect. Clicking a head opens it on the Head page.
+:meth:`interventions.circuit.Circuit.from_json`. The graph
+(:func:`workbench.figures.circuit_graph`) puts each head at its own (head, layer) place, so the
+heads of a layer never overlap, and draws each path as an arrow coloured by the path it acts
+through (q, k, v, direct) and as wide as its effect. Clicking a head opens it on the Head page.
+Below: the per-head evidence table, the paths, and links that ablate the circuit, or everything
+but the circuit, in the Intervention lab.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from typing import Any
 from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import catalog
-from app.components import error_panel, href, needs_panel, note, run_header
+from app.components import error_panel, format_heads, href, needs_panel, note, run_header
 from interventions.circuit import Circuit
 from workbench.errors import WorkbenchError
+from workbench.models import ModelInfo
 
 
 def layout(run: str | None = None, name: str | None = None, **_q: str) -> html.Div:
@@ -71,10 +77,16 @@ def layout(run: str | None = None, name: str | None = None, **_q: str) -> html.D
             ),
             html.P(circuit.summary().split("\n")[0], className="muted"),
             _metrics(circuit),
-            note("Click a head to open it."),
+            _ablate_links(circuit, run, info),
+            note(
+                "Click a head to open it. Arrows point from sender to receiver; colour: the path "
+                "(q, k, v or direct to the logits); width: the size of the path-patching effect."
+            ),
             dcc.Graph(id="circuit-graph", figure=circuit.plot(), config={"displaylogo": False}),
             html.H3("Classes"),
             _classes(circuit, run),
+            html.H3("Evidence per head"),
+            _evidence(circuit),
             html.H3("Paths"),
             _edges(circuit),
         ],
@@ -106,6 +118,69 @@ def _metrics(circuit: Any) -> html.Div:
         ],
         className="result-grid",
     )
+
+
+def _ablate_links(circuit: Circuit, run: str, info: ModelInfo) -> html.Div:
+    """The lab, preloaded: the circuit's heads zero-ablated against matched random heads, or
+    every other head (its complement, no random control: no untouched heads are left to draw)."""
+    heads = sorted(circuit.head_set)
+    others = [
+        (layer, head)
+        for layer in range(info.n_layers)
+        for head in range(info.n_heads)
+        if (layer, head) not in circuit.head_set
+    ]
+    task = "ioi" if str(circuit.task.get("task", "")).startswith("ioi") else None
+    return html.Div(
+        [
+            dcc.Link(
+                f"ablate the circuit ({len(heads)} heads) in the lab",
+                href=href("/lab", run=run, heads=format_heads(heads), task=task),
+                className="pill",
+                id="circuit-ablate",
+            ),
+            dcc.Link(
+                f"ablate its complement ({len(others)} heads)",
+                href=href("/lab", run=run, heads=format_heads(others), task=task, control="0"),
+                className="pill",
+                id="circuit-ablate-complement",
+            ),
+        ],
+        className="pill-row section",
+    )
+
+
+def _evidence(circuit: Circuit) -> html.Div:
+    """One row per circuit head: its class and every number that put it there."""
+    frame = circuit.to_pandas()
+    frame = frame.dropna(axis=1, how="all")  # evidence not measured for any head
+    header = html.Tr([html.Th(c, className="num" if i > 2 else None) for i, c in enumerate(frame)])
+    rows = [
+        html.Tr([html.Td(_cell(v), className="num" if i > 2 else None) for i, v in enumerate(row)])
+        for row in frame.itertuples(index=False)
+    ]
+    return html.Div(
+        [
+            note(
+                "dla: direct logit attribution to logit(IO) − logit(S); act_patch: activation "
+                "patching effect; end_io / end_s2: attention from END to IO / S2; s2_s1, "
+                "s2_s1p1, s1p1_s1: duplicate, induction and previous-token attention; pp_*: "
+                "path patching through the named receivers (docs/circuits.md)."
+            ),
+            html.Table(
+                [html.Thead(header), html.Tbody(rows)], className="compact", id="circuit-evidence"
+            ),
+        ],
+        className="scroll-x",
+    )
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:+.3f}"
+    return str(value)
 
 
 def _classes(circuit: Any, run: str) -> html.Table:

@@ -1,9 +1,12 @@
 """Compare: two runs side by side (two models, or one model on two inputs or domains).
 
-Both atlases of a score share one colour scale. When the runs have the same layer × head shape
-(one model twice), the page adds their difference B − A on a diverging scale and lists the heads
-that changed most and the heads whose label flips. Runs of different models are lined up by
-relative depth (per-layer mean against layer / last layer) and by the share of labelled heads.
+Both atlases of one quantity (one score, or one quantity on two domains such as
+``sink_mass_prose`` and ``sink_mass_code``) share one colour map and scale. When the runs have
+the same layer × head shape (one model twice), the page adds their difference B − A on a
+diverging scale anchored to the values' range (so noise stays pale) and lists the heads that
+changed most, and, when both sides show the same score, the heads whose label flips. Runs of
+different models are lined up by relative depth (per-layer mean against layer / last layer) and
+by the share of labelled heads.
 """
 
 from __future__ import annotations
@@ -164,7 +167,9 @@ def _views(score_a: str, score_b: str, runs: dict):
 
 
 def _changes(runs: dict, ta, tb, info) -> list:
-    labelled = bool(ta.label and tb.label)
+    # a label flips only between two tables of the same score: heads labelled "sink" in A and
+    # "retrieval" in B are not one label changing its mind
+    labelled = bool(ta.label and tb.label and ta.name == tb.name and ta.label == tb.label)
     diff = tb.values - ta.values  # [n_layers, n_heads]
     order = np.argsort(-np.nan_to_num(np.abs(diff), nan=-1.0), axis=None)[:10]
     rows = []
@@ -197,7 +202,11 @@ def _changes(runs: dict, ta, tb, info) -> list:
     flips = int((ta.selected != tb.selected).sum()) if labelled else 0
     return [
         html.H3("Largest changes"),
-        note(f"{flips} heads change label {ta.label}." if labelled else "No label on both scores."),
+        note(
+            f"{flips} heads change label {ta.label}."
+            if labelled
+            else "Label flips are counted only when both sides show the same score with a label."
+        ),
         html.Table(
             [
                 html.Thead(

@@ -1,6 +1,7 @@
 """Run files for the explorer's tests: two scans of the tiny random GQA Llama (2 layers, 4 query
-heads, 2 KV heads) on different prompts (one holding a hand-made circuit), a scan of the toy-ioi
-reference model, a corrupt file and a foreign HDF5 file."""
+heads, 2 KV heads) on different prompts (one holding a hand-made circuit), two scans of the
+toy-ioi reference model (on its own vocabulary, with a circuit of its card's heads, and on prose
+it reads as unknown tokens), a corrupt file and a foreign HDF5 file."""
 
 from __future__ import annotations
 
@@ -42,7 +43,16 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
     toy = workbench.load("toy-ioi", device="cpu")  # the lab ablates its known name mover
     prompts = _prompts(root / "toy.jsonl", TOY_IOI_PROMPTS)
     workbench.scan(
-        toy, str(prompts), probes="sink,entropy", out=runs / "toy-ioi.h5", progress=False
+        toy,
+        str(prompts),
+        probes="sink,entropy,hidden_sink",
+        out=runs / "toy-ioi.h5",
+        progress=False,
+    )
+    _store_toy_circuit(runs / "toy-ioi.h5", toy.info)
+    prose = _prompts(root / "prose.jsonl", PROMPTS_B)  # words toy-ioi's vocabulary lacks
+    workbench.scan(
+        toy, str(prose), probes="sink,entropy", out=runs / "toy-prose.h5", progress=False
     )
     (runs / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
     with h5py.File(runs / "foreign.h5", "w") as f:
@@ -68,3 +78,19 @@ def _store_circuit(run: Path, info) -> None:
     metrics = {"clean_logit_diff": 1.5, "abc_logit_diff": 0.1, "clean_accuracy": 0.75}
     task = {"task": "ioi", "n_prompts": 8, "seed": 0}
     Circuit(info.to_dict(), task, heads, edges, metrics).store(run, "ioi")
+
+
+def _store_toy_circuit(run: Path, info) -> None:
+    """toy-ioi's heads as its card classes them (data/models/toy-ioi/heads.json: name mover 1.1,
+    S-inhibition-like 0.1, with the card's accuracy drop when each is ablated), stored as a
+    circuit of the ``ioi-toy`` task so the Head page can show the circuit's prompts. The edges
+    are hand-made: the viewer's input format, not a finding."""
+    from interventions.circuit import Circuit, CircuitEdge, CircuitHead
+
+    heads = [
+        CircuitHead(1, 1, "name mover", {"accuracy_drop": 0.563}),
+        CircuitHead(0, 1, "s-inhibition", {"accuracy_drop": 0.403}),
+    ]
+    edges = [CircuitEdge("1.1", "logits", "direct", 0.5), CircuitEdge("0.1", "1.1", "q", -0.3)]
+    task = {"task": "ioi-toy", "n_prompts": 8, "seed": 0}
+    Circuit(info.to_dict(), task, heads, edges, {}).store(run, "ioi-toy")

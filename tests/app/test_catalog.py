@@ -14,7 +14,14 @@ from workbench.errors import RunFileError
 def test_lists_run_files_and_reports_unreadable_ones(runs_dir: Path) -> None:
     (runs_dir / ".a.h5.partial").write_bytes(b"")  # a scan in progress is not listed
     catalog = RunCatalog(runs_dir)
-    assert catalog.keys() == ["a.h5", "b.h5", "corrupt.h5", "foreign.h5", "toy-ioi.h5"]
+    assert catalog.keys() == [
+        "a.h5",
+        "b.h5",
+        "corrupt.h5",
+        "foreign.h5",
+        "toy-ioi.h5",
+        "toy-prose.h5",
+    ]
     entries = {e.key: e for e in catalog.entries()}
     assert entries["a.h5"].ok and entries["a.h5"].summary.scores == ["entropy", "sink"]
     assert entries["a.h5"].summary.measurements == {"basic": 3}

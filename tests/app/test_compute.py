@@ -1,4 +1,5 @@
-"""Model work of the explorer: one load per process, and the head views agree with each other."""
+"""Model work of the explorer: one load per process, one forward pass per prompt and layer,
+and the head views agree with each other and with the model's own modules."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app import compute
 from workbench import figures
-from workbench.errors import RunMismatchError
 from workbench.capture import StreamedRecorder
+from workbench.errors import RunMismatchError
 
 
 def test_pool_loads_each_model_once_and_checks_its_identity(tiny_model) -> None:
@@ -28,17 +31,21 @@ def test_pattern_and_streamed_positions_agree(tiny_model) -> None:
     layer, head = 1, 3
     pattern = figures.head_pattern(tiny_model, ids, layer, head)  # [q_pos, k_pos]
     seen = []
-    positions = compute.head_positions(
-        tiny_model, ids, layer, head, on_block=lambda i, n: seen.append((i, n))
-    )
+    positions = compute.layer_positions(
+        tiny_model, ids, layer, on_block=lambda i, n: seen.append((i, n))
+    )[head]
     assert seen == [(0, 2), (1, 2)]
     np.testing.assert_allclose(positions.first_token_mass, pattern[:, 0], atol=1e-5)
     entropy = -(pattern * np.log(np.where(pattern > 0, pattern, 1))).sum(1)
     np.testing.assert_allclose(positions.entropy, entropy, atol=1e-4)
     np.testing.assert_allclose(positions.received, pattern.sum(0), atol=1e-4)
+    np.testing.assert_array_equal(positions.argmax, pattern.argmax(1))
+    np.testing.assert_allclose(positions.max_prob, pattern.max(1), atol=1e-5)
     assert positions.top_keys(1)[0][0] == int(
         np.argmax(pattern.sum(0) / np.arange(len(ids), 0, -1))
     )
+    q, k, weight = positions.top_queries(1)[0]
+    assert (k, weight) == (int(pattern[q].argmax()), pytest.approx(pattern.max(), abs=1e-5))
 
 
 def test_running_the_first_blocks_only_changes_nothing_for_them(tiny_model) -> None:
@@ -46,6 +53,99 @@ def test_running_the_first_blocks_only_changes_nothing_for_them(tiny_model) -> N
     with torch.no_grad(), StreamedRecorder(tiny_model.hf, sink_size=1) as full:
         tiny_model.hf(ids[None])
     blocks = list(compute._blocks(tiny_model)[2])
-    positions = compute.head_positions(tiny_model, ids, 0, 2)
+    positions = compute.layer_positions(tiny_model, ids, 0)[2]
     np.testing.assert_allclose(positions.entropy, full.stats[0].entropy[0, 2].numpy(), atol=1e-6)
     assert list(compute._blocks(tiny_model)[2]) == blocks  # all blocks are back
+
+
+def _hf_logit_attribution(model, ids: torch.Tensor, layer: int) -> np.ndarray:
+    """Every head's direct logit attribution ``[head, seq, vocab]`` from the Hugging Face modules
+    (o_proj's input and weight, the final RMSNorm's input, eps and weight, lm_head): an
+    independent route to what the Head page computes on the TransformerLens bridge."""
+    hf, info = model.hf, model.info
+    attention = hf.model.layers[layer].self_attn
+    kept = {}
+    hooks = [
+        attention.o_proj.register_forward_pre_hook(lambda m, a: kept.__setitem__("z", a[0])),
+        hf.model.norm.register_forward_pre_hook(lambda m, a: kept.__setitem__("resid", a[0])),
+    ]
+    try:
+        with torch.no_grad():
+            hf(ids[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    z = kept["z"][0].reshape(len(ids), info.n_heads, -1)  # [seq, head, d_head]
+    w_o = attention.o_proj.weight.reshape(info.d_model, info.n_heads, -1)  # [d_model, head, d]
+    out = torch.einsum("phd,mhd->hpm", z, w_o)  # [head, seq, d_model]
+    resid = kept["resid"][0]  # [seq, d_model]
+    norm = hf.model.norm
+    scale = resid.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).rsqrt()
+    return ((out * scale * norm.weight) @ hf.lm_head.weight.T).detach().numpy()
+
+
+def test_what_a_head_writes_matches_the_models_own_modules(tiny_model) -> None:
+    ids = tiny_model.tokenize("the cat sat on the mat and the dog ran to the park")
+    layer = 1
+    forward = compute.layer_forward(tiny_model, ids, layer)
+    expected = _hf_logit_attribution(tiny_model, ids, layer)
+    for head in range(tiny_model.info.n_heads):
+        got = compute.logit_attribution(forward, head)  # [seq, vocab]
+        np.testing.assert_allclose(got, expected[head], atol=1e-4, rtol=1e-4)
+        pattern = figures.head_pattern(tiny_model, ids, layer, head)
+        np.testing.assert_allclose(forward.pattern[head], pattern, atol=1e-6)
+    assert forward.window == (0, len(ids))
+
+
+def test_long_prompts_keep_only_a_window_of_pattern_rows(tiny_model) -> None:
+    text = " ".join(["the cat sat on the mat and the dog ran to the park"] * 8)
+    ids = tiny_model.tokenize(text)
+    n = len(ids)
+    assert n > compute.PATTERN_WINDOW
+    forward = compute.layer_forward(tiny_model, ids, 0, window_start=10)
+    assert forward.window == (10, 10 + compute.PATTERN_WINDOW)
+    assert forward.pattern.shape == (tiny_model.info.n_heads, compute.PATTERN_WINDOW, n)
+    full = figures.head_pattern(tiny_model, ids, 0, 2)  # [n, n]
+    np.testing.assert_allclose(
+        forward.pattern[2], full[10 : 10 + compute.PATTERN_WINDOW], atol=1e-6
+    )
+
+
+@given(n=st.integers(1, 5000), start=st.one_of(st.none(), st.integers(-100, 6000)))
+def test_query_window_is_inside_the_prompt(n: int, start: int | None) -> None:
+    lo, hi = compute.query_window(n, start)
+    assert 0 <= lo < hi <= n
+    assert hi - lo == min(n, compute.PATTERN_WINDOW)
+    if n > compute.PATTERN_WINDOW and start is not None and 0 <= start <= n - hi + lo:
+        assert lo == start  # a start that fits is kept as asked
+    if start is None:
+        assert hi == n  # by default the last rows, where a prompt's answer is read
+
+
+def test_the_cache_reuses_a_forward_pass(tiny_model) -> None:
+    cache = compute.ForwardCache(size=2)
+    ids = tiny_model.tokenize("the cat sat on the mat")
+    first, cached = cache.get(tiny_model, ids, 1)
+    assert not cached and cache.misses == 1
+    again, cached = cache.get(tiny_model, ids, 1)
+    assert cached and again is first and cache.misses == 1
+    cache.get(tiny_model, ids, 0)
+    cache.get(tiny_model, tiny_model.tokenize("the dog ran"), 0)  # evicts the oldest
+    _, cached = cache.get(tiny_model, ids, 1)
+    assert not cached and cache.misses == 4
+
+
+def test_toy_ioi_name_mover_writes_the_answer() -> None:
+    """toy-ioi's card names 1.1 its name mover: on the task's prompts it pushes the indirect
+    object over the subject at the last token."""
+    import workbench
+
+    model = workbench.load("toy-ioi", device="cpu")
+    prompts = compute.task_prompts(model, "ioi-toy", n=8)
+    assert len(prompts) == 8 and all(p.target is not None for p in prompts)
+    shares = []
+    for prompt in prompts:
+        forward = compute.layer_forward(model, prompt.token_ids, 1)
+        last = compute.logit_attribution(forward, 1)[-1]  # [vocab]
+        shares.append(last[prompt.target] - last[prompt.foil])
+    assert np.mean(shares) > 1.0 and np.mean(np.asarray(shares) > 0) >= 0.75
