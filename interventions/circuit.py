@@ -209,30 +209,33 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Circuit:
-        if data.get("schema") != CIRCUIT_SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") != CIRCUIT_SCHEMA:
             raise InterventionError("not a workbench circuit (missing or wrong 'schema')")
         if data.get("schema_version") != CIRCUIT_SCHEMA_VERSION:
             raise InterventionError(
                 f"circuit schema version {data.get('schema_version')}; this workbench reads "
                 f"{CIRCUIT_SCHEMA_VERSION}"
             )
-        return cls(
-            model=data["model"],
-            task=data["task"],
-            heads=[CircuitHead(**h) for h in data["heads"]],
-            edges=[CircuitEdge(**e) for e in data["edges"]],
-            metrics=data.get("metrics", {}),
-            rules=data.get("rules", {}),
-            notes=data.get("notes", []),
-            evidence=data.get("evidence", []),
-        )
+        try:
+            return cls(
+                model=data["model"],
+                task=data["task"],
+                heads=[CircuitHead(**h) for h in data["heads"]],
+                edges=[CircuitEdge(**e) for e in data["edges"]],
+                metrics=data.get("metrics", {}),
+                rules=data.get("rules", {}),
+                notes=data.get("notes", []),
+                evidence=data.get("evidence", []),
+            )
+        except (KeyError, TypeError) as e:  # a field missing, or one of another shape
+            raise InterventionError(f"circuit JSON lacks or misshapes a field ({e!r})") from None
 
     @classmethod
     def from_json(cls, text: str) -> Circuit:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InterventionError(f"circuit JSON does not parse: {e}") from e
+        except (ValueError, RecursionError) as e:  # not JSON, too many digits, too deep
+            raise InterventionError(f"circuit JSON does not parse: {e}") from None
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
@@ -244,7 +247,11 @@ class Circuit:
         path = Path(path)
         if not path.is_file():
             raise InterventionError(f"no such circuit file: {path}")
-        return cls.from_json(path.read_text())
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise InterventionError(f"cannot read circuit file {path}: {e}") from None
+        return cls.from_json(text)
 
     def store(self, run_path: str | Path, name: str | None = None) -> Path:
         """Store in a run file under ``/circuits/<name>`` (default: the task name)."""

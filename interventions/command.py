@@ -156,6 +156,7 @@ def run_ioi(args: argparse.Namespace) -> None:
         raise InterventionError(f"--rule thresholds must be finite numbers, got {bad}")
     rules = Rules(**{k: float(v) for k, v in overrides.items()})
     templates = args.templates
+    other = Circuit.load(args.compare) if args.compare else None  # checked before the work
     model = load(args.model, device=args.device)
     started = time.time()
 
@@ -189,8 +190,7 @@ def run_ioi(args: argparse.Namespace) -> None:
     if args.plot:
         atomic_write_text(Path(args.plot), circuit.plot().to_html(include_plotlyjs="cdn"))
         print(f"graph: {args.plot}")
-    if args.compare:
-        other = Circuit.load(args.compare)
+    if other is not None:
         shared = overlap(circuit, other)
         print(
             f"overlap with {args.compare} ({shared['b']}): {shared['n_shared']} shared heads, "

@@ -111,11 +111,15 @@ def seal(path: Path) -> None:
     _write_seal(path, f"{kind}\nsha256 {digest} {size}\n")
 
 
+def _seal_block(text: str) -> bytes:
+    """The user block that holds ``text``: ASCII, then zero bytes up to :data:`SEAL_SIZE`."""
+    data = text.encode("ascii", errors="replace")
+    return data.ljust(SEAL_SIZE, b"\0")[:SEAL_SIZE]
+
+
 def _write_seal(path: Path, text: str) -> None:
-    data = text.encode()
-    assert len(data) < SEAL_SIZE, text
     with open(path, "r+b") as fh:
-        fh.write(data.ljust(SEAL_SIZE, b"\0"))
+        fh.write(_seal_block(text))
 
 
 def _read_seal(path: Path) -> list[str]:
@@ -132,14 +136,10 @@ def _read_seal(path: Path) -> list[str]:
                 "version 1, written before files were sealed: rerun the command that wrote it)"
             )
         raise ForeignFileError(f"{path} is not an HDF5 file written by the workbench")
-    text, _, padding = block.partition(b"\0")
-    lines = text.decode("ascii", errors="replace").splitlines()
-    if (
-        len(block) < SEAL_SIZE
-        or padding.strip(b"\0")
-        or len(lines) != 2
-        or signature != _HDF5_SIGNATURE
-    ):
+    lines = block.partition(b"\0")[0].decode("ascii", errors="replace").split("\n")[:-1]
+    # byte for byte the block the writer makes of these lines: any other byte is damage
+    canonical = _seal_block("\n".join(lines) + "\n")
+    if len(lines) != 2 or block != canonical or signature != _HDF5_SIGNATURE:
         raise CorruptFileError(
             f"{path} is corrupt: its seal (the first {SEAL_SIZE} bytes) is damaged"
         )

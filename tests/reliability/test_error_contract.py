@@ -137,6 +137,20 @@ def test_flipped_bytes_give_the_run_file_error_at_every_entry_point_in_under_5_s
     assert not (run_file.parent / "exported").exists()
 
 
+def test_every_single_bit_flip_in_the_seal_is_detected(run_file):
+    """All 4096 one-bit changes of the 512-byte seal (kind, version, digest, size, newlines,
+    padding) give a RunFileError; a newline turned into another line break included."""
+    original = run_file.read_bytes()
+    for bit in range(SEAL_SIZE * 8):
+        data = bytearray(original)
+        data[bit // 8] ^= 1 << (bit % 8)
+        run_file.write_bytes(bytes(data))
+        with pytest.raises(RunFileError):
+            check_seal(run_file, RUN_SCHEMA, RUN_SCHEMA_VERSION)
+    run_file.write_bytes(original)
+    check_seal(run_file, RUN_SCHEMA, RUN_SCHEMA_VERSION)
+
+
 def test_a_flipped_bit_in_a_score_is_detected_not_read_as_data(run_file):
     with open_run(run_file) as run:
         before = run.score("sink").values
@@ -311,6 +325,32 @@ def test_arguments_checked_where_they_meet_the_model(capsys, tmp_path):
     )
     assert "at least one prompt" in line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe", "cannot read circuit file"),
+        (b"[1]", "not a workbench circuit"),
+        (b'{"schema": "attention-head-workbench/circuit"}', "schema version"),
+    ],
+)
+def test_a_bad_circuit_to_compare_is_refused_before_the_work(capsys, tmp_path, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    start = time.perf_counter()
+    line = _cli(
+        capsys,
+        "ioi",
+        "toy-ioi",
+        "--compare",
+        str(bad),
+        "--quiet",
+        "--out",
+        str(tmp_path / "c.json"),
+    )
+    assert message in line and time.perf_counter() - start < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
 
 
 @pytest.mark.parametrize(
