@@ -244,6 +244,7 @@ def _bad_list(rng: random.Random, kind: str) -> str:
 
 # Typed arguments of each command: flag -> (kind, low, high). Values are made bad per kind.
 ARGUMENTS: dict[str, dict[str, tuple]] = {
+    "models": {},
     "scan": {
         "--max-tokens": ("int", 1, None),
         "--batch-size": ("int", 1, None),
@@ -320,6 +321,7 @@ ARGUMENTS: dict[str, dict[str, tuple]] = {
 
 # What each command needs besides the bad argument (placeholders filled by :func:`cli_case`).
 REQUIRED = {
+    "models": [],
     "scan": ["MODEL"],
     "show": ["RUN"],
     "export": ["RUN", "--format", "json", "--out", "OUTDIR"],
@@ -375,7 +377,7 @@ def cli_case(rng: random.Random) -> Case:
     command = rng.choice(sorted(ARGUMENTS))
     argv = [command, *REQUIRED[command]]
     roll = rng.random()
-    if roll < 0.08:
+    if roll < 0.08 or not ARGUMENTS[command]:
         argv.append("--no-such-flag")
         defect = "unknown flag"
     elif roll < 0.12 and command in ("export", "cache", "intervene"):

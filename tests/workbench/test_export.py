@@ -113,7 +113,6 @@ def test_cli_export_and_identity_checks(run_path, tmp_path, capsys):
         (["--model", "llama"], "not with llama (name differs)"),
         (["--heads", "30,9,3"], "not with 30 layers x 9 heads, 3 KV heads (layer count, head "),
         (["--score", "nope"], "no score 'nope'"),
-        (["--full-fraction", "1.5"], "full fraction must be in [0, 1]"),
     ]
     for extra, message in cases:
         argv = ["export", str(run_path), "--format", "duo", "--out", str(tmp_path / "x"), *extra]
@@ -125,6 +124,11 @@ def test_cli_export_and_identity_checks(run_path, tmp_path, capsys):
               "--heads", "30,9"])  # fmt: skip
     assert stop.value.code == 2
     assert "expected L,H,KV (three integers), got '30,9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # so is a fraction outside [0, 1]
+        main(["export", str(run_path), "--format", "duo", "--out", str(tmp_path / "x"),
+              "--full-fraction", "1.5"])  # fmt: skip
+    assert stop.value.code == 2
+    assert "expected a finite number in [0, 1], got '1.5'" in capsys.readouterr().err
 
 
 @given(st.text(alphabet=" ,0123456789-+_x.", max_size=12))
