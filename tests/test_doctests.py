@@ -8,7 +8,9 @@ import pytest
 MODULES = [
     "interventions.specs",
     "interventions.evaluation",
+    "probes.retrieval",
     "workbench.scanner",
+    "workbench.scores",
     "workbench.tasks.registry",
     "workbench.tasks.templated",
 ]
