@@ -119,7 +119,10 @@ def test_cli_train_toy(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("workbench: error: unknown toy model 'toy-nope'")
     assert len(err.splitlines()) == 1
-    assert main(["train-toy", "toy-bb", "--steps", "0"]) == 2
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it before any work
+        main(["train-toy", "toy-bb", "--steps", "0"])
+    assert stop.value.code == 2
+    assert "argument --steps: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_bad_seed_and_foreign_out_dir_are_refused(tmp_path) -> None:
