@@ -378,8 +378,12 @@ def test_cli_evaluate_map(tiny_model, tiny_llama_dir, tiny_llama_factory, tmp_pa
     assert document["settings"]["prefill"] == "exact"
     assert {r["prefill"] for r in document["rows"]} == {"exact"}
     capsys.readouterr()
-    assert main([*argv, "--full-fractions", "2"]) == 2
-    assert "full fraction must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it before any work
+        main([*argv, "--full-fractions", "2"])
+    assert stop.value.code == 2
+    assert "--full-fractions: expected a comma list of finite numbers in [0, 1]" in (
+        capsys.readouterr().err
+    )
     other = tiny_llama_factory(tmp_path / "other", n_kv_heads=4)
     assert main([*argv[:2], "--model", str(other)]) == 2
     message = capsys.readouterr().err
