@@ -767,34 +767,55 @@ def layer_patterns(
     grid_rows = int(np.ceil(n_heads / 8))  # at most 8 panels a row, rows as full as can be
     cols = int(np.ceil(n_heads / grid_rows))
     panel = (1080 - 60) / cols  # px: square panels across a page of about 1080 px
-    titles = [f"<b>H{h} ◀</b>" if h == chosen else f"H{h}" for h in range(n_heads)]
-    fig = make_subplots(
-        rows=grid_rows,
-        cols=cols,
-        subplot_titles=titles,
-        horizontal_spacing=0.02,
-        vertical_spacing=0.06 if grid_rows > 1 else 0.0,
-    )
+    gap_x, gap_y = 0.02, (0.06 if grid_rows > 1 else 0.0)
+    width = (1 - gap_x * (cols - 1)) / cols  # of each panel, in paper coordinates
+    height = (1 - gap_y * (grid_rows - 1)) / grid_rows
     queries = [labels[window_start + r] for r in range(rows)]
-    hover = np.array([[f"{q} → {k}" for k in labels] for q in queries])  # [q_rows, k_pos]
+    # the axes are the token labels (unique "position:token"), so the hover reads them from
+    # x and y and no per-cell text is sent: 9 heads of 64 tokens are 0.23 MB of JSON
+    axis = {"showticklabels": False, "showgrid": False, "zeroline": False, "type": "category"}
+    layout: dict = {"annotations": []}
+    traces = []
     for h in range(n_heads):
-        fig.add_trace(
+        row, col = divmod(h, cols)
+        left, top = col * (width + gap_x), 1 - row * (height + gap_y)
+        suffix = "" if h == 0 else str(h + 1)
+        layout[f"xaxis{suffix}"] = {**axis, "domain": [left, left + width], "anchor": f"y{suffix}"}
+        layout[f"yaxis{suffix}"] = {
+            **axis,
+            "domain": [top - height, top],
+            "anchor": f"x{suffix}",
+            "autorange": "reversed",
+        }
+        layout["annotations"].append(
+            {
+                "text": f"<b>H{h} ◀</b>" if h == chosen else f"H{h}",
+                "x": left + width / 2,
+                "y": top,
+                "xref": "paper",
+                "yref": "paper",
+                "xanchor": "center",
+                "yanchor": "bottom",
+                "showarrow": False,
+                "font": {"size": 11},
+            }
+        )
+        traces.append(
             go.Heatmap(
-                z=patterns[h],
+                z=patterns[h].astype(np.float32),  # sent as float32: half the JSON
+                x=list(labels),
+                y=queries,
+                xaxis=f"x{suffix}",
+                yaxis=f"y{suffix}",
                 colorscale=PATTERN_SCALE,
                 zmin=0,
                 zmax=1,
-                customdata=hover,
-                hovertemplate=f"L{layer} H{h}<br>%{{customdata}}: %{{z:.3f}}<extra></extra>",
+                hovertemplate=f"L{layer} H{h}<br>%{{y}} → %{{x}}: %{{z:.3f}}<extra></extra>",
                 showscale=h == 0,
                 colorbar={"title": {"text": "attention", "side": "right"}, "thickness": 10},
-            ),
-            row=h // cols + 1,
-            col=h % cols + 1,
+            )
         )
-    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
-    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
-    fig.update_annotations(font={"size": 11})
+    fig = go.Figure(traces, layout)
     title = f"all {n_heads} heads of layer {layer}: query rows {window_start}–"
     title += f"{window_start + rows - 1} × keys 0–{n_keys - 1} (click a head to open it)"
     return apply_style(fig, height=int(panel * grid_rows) + 90, title=title)
@@ -923,7 +944,10 @@ def class_heatmap(
         )
     _kv_decorations(fig, info)
     _grid_axes(fig, info)
-    fig.update_layout(legend={"orientation": "h", "y": -0.1})
+    # the legend above the grid, right-aligned: below it would sit on the axis title
+    fig.update_layout(
+        legend={"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 1, "xanchor": "right"}
+    )
     title = f"{name}: {len(classes)} of {z.size} heads in {len(present)} classes"
     return apply_style(fig, height=grid_height(info.n_layers) + 40, title=title)
 

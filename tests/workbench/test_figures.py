@@ -254,10 +254,11 @@ def test_layer_patterns_draw_every_head_on_one_scale() -> None:
     labels = [f"{i}:t{i}" for i in range(12)]
     fig = figs.layer_patterns(patterns, labels, layer=3, chosen=4, window_start=7)
     assert len(fig.data) == 9  # trace i is head i (a click reports it)
-    np.testing.assert_array_equal(np.asarray(fig.data[4].z), patterns[4])
+    np.testing.assert_allclose(np.asarray(fig.data[4].z), patterns[4], rtol=1e-6)
     assert all((t.zmin, t.zmax) == (0, 1) for t in fig.data)
     assert [t.showscale for t in fig.data].count(True) == 1
-    assert fig.data[2].customdata[0][3] == "7:t7 → 3:t3"  # query row 0 is position 7
+    assert list(fig.data[2].y) == labels[7:] and list(fig.data[2].x) == labels
+    assert "%{y} → %{x}" in fig.data[2].hovertemplate  # query row 0 is position 7
     titles = [a.text for a in fig.layout.annotations]
     assert titles[4] == "<b>H4 ◀</b>" and titles[0] == "H0"
     assert len({t.xaxis for t in fig.data}) == 9  # 9 heads: rows of 5 and 4 panels
