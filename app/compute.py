@@ -79,9 +79,12 @@ class ModelPool:
             if key not in self._models:
                 model = workbench.load(key[0], device=self.device)
                 check_run_model(info, model.info, f"the run (its model reloaded from {key[0]!r})")
-                # the first passes through the TransformerLens bridge initialise it (seconds on
-                # a CPU); pay that here, once, not on the first pattern a user asks for
-                run_with_patterns(model, model.tokenize(WARM_UP_TEXT), lambda *_: None)
+                # the first pass through each capture path initialises it (seconds on a CPU:
+                # the TransformerLens bridge, the attention swap); pay that here, once, not on
+                # the first pattern a user asks for
+                warm_up = model.tokenize(WARM_UP_TEXT)
+                run_with_patterns(model, warm_up, lambda *_: None)
+                layer_positions(model, warm_up, 0)
                 self._models[key] = model
                 self.loads += 1
             return self._models[key]

@@ -473,6 +473,7 @@ def _check_item(item: int, n: int, what: str) -> None:
         Output("head-progress-text", "children"),
     ],
     cancel=[Input("head-cancel", "n_clicks")],
+    interval=250,  # ms between the browser's polls of the job: a cached prompt shows at once
 )
 def _views(set_progress, _clicks, choice: str, item, window, typed: str | None, ident: dict):
     """A background job in the server (long prompts take a while on a CPU), with progress per
@@ -598,7 +599,8 @@ def _token_view(forward: compute.LayerForward, head: int, text: list[str]) -> ht
                 **{"data-weights": payload},
             ),
             html.Div("hover a token", className="token-info muted", id="head-token-info"),
-        ]
+        ],
+        id="head-token-view",
     )
 
 
@@ -732,14 +734,23 @@ def _writes_views(
     n = len(ids)
     following = np.full(n, np.nan)
     following[:-1] = attribution[np.arange(n - 1), ids[1:]]  # logit of the actual next token
-    top = np.argsort(-attribution, axis=1)[:, :3]  # [seq, 3]
+    answer_id = None if answer is None else answer.target
+    if answer_id is not None:  # the last position's next token is the task's answer
+        following[-1] = attribution[-1, answer_id]
+    top = np.argpartition(-attribution, 3, axis=1)[:, :3]  # [seq, 3], the 3 largest
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(attribution, top, 1), 1), 1)
     hover = []
     for p in range(n):
         promoted = ", ".join(
             f"{t!r} {attribution[p, i]:+.2f}"
             for t, i in zip(figs.token_text(model, top[p]), top[p], strict=True)
         )
-        nxt = f"next {text[p + 1]!r}: {following[p]:+.3f}" if p < n - 1 else "last position"
+        if p < n - 1:
+            nxt = f"next {text[p + 1]!r}: {following[p]:+.3f}"
+        elif answer_id is not None:
+            nxt = f"the answer {figs.token_text(model, [answer_id])[0]!r}: {following[p]:+.3f}"
+        else:
+            nxt = "last position"
         hover.append(f"{labels[p]} · {nxt}<br>promotes {promoted}")
     last = attribution[-1]  # [vocab]
     up, down = np.argsort(-last)[:8], np.argsort(last)[:8]
@@ -762,7 +773,8 @@ def _writes_views(
             "Direct logit attribution: the head's output z·W_O at each position, read through the "
             "final norm at the prompt's own (frozen) scale and the unembedding, as in "
             "TransformerLens's logit attribution. A bar is what the head adds to the logit of the "
-            "token that follows; hover for the tokens it promotes most there."
+            "token that follows (at the last position of a task's prompt: of its answer); hover "
+            "for the tokens it promotes most there."
         ),
     ]
     if answer is not None and answer.target is not None and answer.foil is not None:

@@ -458,6 +458,7 @@ def _state(_cancel, _go):
         Output("lab-progress-text", "children"),
     ],
     cancel=[Input("lab-cancel", "n_clicks")],
+    interval=500,  # ms between the browser's polls of the job (progress, result)
     prevent_initial_call=True,
 )
 def _evaluate(set_progress, _clicks, run, heads_text, kind, param, task_choice, n, mode, control):

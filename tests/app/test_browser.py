@@ -163,16 +163,29 @@ def _page_fits(driver) -> None:
     assert width <= WIDTH, f"page is {width}px wide at a {WIDTH}px viewport"
 
 
-def _screenshot(driver, name: str) -> None:
+def _screenshot(driver, name: str, css: str | None = None) -> None:
+    """A PNG of the whole page, or of the element ``css`` (with a margin), as a reader sees it
+    at 1280 px; the page is scrolled to the top first, so the sticky menu bar sits there."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.execute_script("window.scrollTo(0, 0)")
     height = driver.execute_script("return document.documentElement.scrollHeight")
+    clip = {"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1}
+    if css is not None:
+        box = driver.execute_script(
+            "const r = document.querySelector(arguments[0]).getBoundingClientRect();"
+            "return [r.left, r.top + window.scrollY, r.width, r.height];",
+            css,
+        )
+        margin = 8
+        clip = {
+            "x": max(0, box[0] - margin),
+            "y": max(0, box[1] - margin),
+            "width": min(WIDTH, box[2] + 2 * margin),
+            "height": box[3] + 2 * margin,
+            "scale": 1,
+        }
     shot = driver.execute_cdp_cmd(
-        "Page.captureScreenshot",
-        {
-            "format": "png",
-            "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": WIDTH, "height": height, "scale": 1},
-        },
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
     )
     (ARTIFACTS / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
@@ -322,6 +335,7 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     # the head table: every head, filtered by typing a head into its column's filter
     table = _wait(d, "#atlas-table")
     assert len(table.find_elements(By.CSS_SELECTOR, "tbody tr td[data-dash-column=head]")) == 8
+    _screenshot(d, "atlas-table", "#atlas-table")
     head_filter = table.find_element(By.CSS_SELECTOR, "th[data-dash-column=head] input")
     head_filter.send_keys("1.2", Keys.ENTER)
     _wait(d, "#atlas-table tbody", text="1.2")
@@ -339,6 +353,8 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     _choose(d, "atlas-view", "circuit · ioi")
     _wait(d, "#atlas-grid .legend", text="name mover")
     assert "3 of 8 heads" in d.find_element(By.ID, "atlas-grid").text
+    _settle(d)
+    _screenshot(d, "atlas-circuit", "#atlas-grid")
     _choose(d, "atlas-view", "score · sink")
     _wait(d, "#atlas-grid .gtitle", text="sink per head")
     _click_heatmap_cell(d, "atlas-grid", layer=1, head=2)
@@ -400,8 +416,18 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     info = _wait(d, "#head-token-info", text="attends most to").text
     target = info.split("attends most to ")[1].split(";")[0]  # 'k:"token" (weight)'
     assert f'"{io}"' in target  # the indirect object, not the sink
+    # and what it writes there: the indirect object is the token it promotes most
+    first = d.find_elements(By.CSS_SELECTOR, "#head-writes tbody tr td")[0].text
+    assert first == f"'{io}'"
+    bars = d.execute_script(
+        "return Array.from(document.querySelector('#head-dla .js-plotly-plot')._fullData[0].y)"
+    )
+    assert bars[-1] > 0  # the last bar: its logit of the answer
     _settle(d)
     _screenshot(d, "head-ioi")
+    _screenshot(d, "head-ioi-tokens", "#head-token-view")
+    _screenshot(d, "head-ioi-layer", "#head-layer-grid")
+    _screenshot(d, "head-ioi-writes", "#head-dla")
 
     # Atlas of a toy model scanned on prose: most tokens are <unk>, and the page says so
     d.get(server + "/atlas?run=toy-prose.h5")
@@ -433,6 +459,7 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     _settle(d)
     _page_fits(d)
     _screenshot(d, "circuit")
+    _screenshot(d, "circuit-graph", "#circuit-graph")
     _click_scatter_point(d, "circuit-graph", [0, 3])
     _wait(d, "#head-title", text="Head L0 H3")
     # the circuit's ablations, launched into the lab
@@ -483,6 +510,7 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     _settle(d)
     _page_fits(d)
     _screenshot(d, "lab")
+    _screenshot(d, "lab-result", "#lab-result")
 
     # a sweep: every head alone, as a layer × head heatmap per metric
     d.find_element(By.CSS_SELECTOR, "#lab-mode input[value=sweep]").click()
@@ -494,6 +522,7 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     assert top.startswith("1.1 ")  # the name mover matters most for accuracy
     _settle(d)
     _screenshot(d, "lab-sweep")
+    _screenshot(d, "lab-sweep-grid", ".sweep-graph")
 
     # a cancelled job says so, and stores nothing
     n_stored = len(d.find_elements(By.CSS_SELECTOR, "#lab-stored-table tbody tr"))
@@ -508,7 +537,7 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     assert d.find_element(By.ID, "lab-progress-text").text == "cancelled"
     time.sleep(2)
     assert len(d.find_elements(By.CSS_SELECTOR, "#lab-stored-table tbody tr")) == n_stored
-    _screenshot(d, "lab-cancelled")
+    _screenshot(d, "lab-cancelled", "#lab-cancelled")
 
     # after a restart (a new server process on the same runs directory) the results are still
     # listed, can be shown again and downloaded
