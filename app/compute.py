@@ -89,12 +89,6 @@ class ModelPool:
                 self.loads += 1
             return self._models[key]
 
-    def loaded_model(self, info: ModelInfo) -> Model | None:
-        """The model of a run if this process has loaded it already (never loads)."""
-        with contextlib.suppress(ModelLoadError):
-            return self._models.get((model_spec(info), info.config_hash))
-        return None
-
     def lock(self, info: ModelInfo) -> threading.Lock:
         """Held around forward passes that hook or patch the model."""
         key = (model_spec(info), info.config_hash)
