@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import workbench
-from workbench.capture import StreamedRecorder, resolve_path, run_with_patterns
+from workbench.capture import QueryLayout, StreamedRecorder, resolve_path, run_with_patterns
 from workbench.errors import CaptureError, ModelLoadError
 from workbench.models import Model, ModelInfo
 from workbench.store import check_run_model
@@ -183,9 +183,11 @@ def layer_positions(
         model.hf(token_ids[None].to(model.device), use_cache=False)
     stats = recorder.stats[layer]  # fields [batch, n_heads, q_pos]
     received = recorder.received[layer][0].float().numpy()  # [n_heads, k_pos]
-    n = received.shape[1]
-    # queries that see key k: n - k when causal (queries k..n-1), all n when bidirectional
-    seen_by = np.arange(n, 0, -1) if model.info.causal else np.full(n, n)
+    mask = recorder.masks[layer]  # the layer's own window or chunk, as the kernels saw it
+    layout = QueryLayout.from_mask(
+        received.shape[1], causal=model.info.causal, window=mask.window, chunk=mask.chunk
+    )
+    seen_by = layout.seen_by.clamp(min=1).numpy()  # [k_pos] queries that see key k
     return [
         PositionStats(
             first_token_mass=stats.sink_mass[0, head].float().numpy(),

@@ -12,9 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app import compute
+from tests.architectures.families import BY_NAME, build, prompt_ids, tokenizer
 from workbench import figures
 from workbench.capture import StreamedRecorder
 from workbench.errors import RunMismatchError
+from workbench.models import from_hf
 
 
 def test_pool_loads_each_model_once_and_checks_its_identity(tiny_model) -> None:
@@ -149,3 +151,19 @@ def test_toy_ioi_name_mover_writes_the_answer() -> None:
         last = compute.logit_attribution(forward, 1)[-1]  # [vocab]
         shares.append(last[prompt.target] - last[prompt.foil])
     assert np.mean(shares) > 1.0 and np.mean(np.asarray(shares) > 0) >= 0.75
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_received_rate_divides_by_the_queries_that_see_each_key(family) -> None:
+    """The received rate is a key's column sum over the queries that can see it: N - k on a
+    global causal layer, at most the window on a local one (Mistral, window 8 at 48 tokens);
+    checked against the eager pattern's own column sums and visible counts."""
+    hf = build(BY_NAME[family])
+    model = from_hf(hf, tokenizer(), name=f"matrix-{family}")
+    ids = prompt_ids()[0]
+    with torch.no_grad():
+        pattern = hf(ids[None], output_attentions=True).attentions[0][0]  # [head, q, k]
+    seen = (pattern > 0).any(0).sum(0).float()  # [k] queries that see key k
+    for head, position in enumerate(compute.layer_positions(model, ids, 0)):
+        expected = (pattern[head].sum(0) / seen).numpy()
+        np.testing.assert_allclose(position.received_rate, expected, atol=1e-5)
