@@ -1,4 +1,3 @@
-
 """The Triton kernels (CPU interpreter) on the attention variants, against the torch reference:
 sliding window, chunks, softcap, learned sinks, ALiBi, d_v != d_qk, each mixed with GQA,
 padding, query subsets, spans, sinks and the recent window; and proof that skipped key blocks

@@ -1,4 +1,3 @@
-
 """Attention variants in the torch reference: sliding window, chunks, softcap, learned sinks,
 ALiBi and d_v != d_qk, against the independent dense softmax of conftest, against transformers'
 own mask functions and eager attention functions, and the argument checks (property-based)."""
