@@ -23,7 +23,6 @@ any length the model runs at.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -38,6 +37,7 @@ from transformers.masking_utils import causal_mask_function, sliding_window_caus
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
 from kernels import stats_from_pattern
+from workbench.arguments import Parser, integer
 from workbench.atomic import atomic_write_text
 from workbench.capture import AttentionCall, StreamedRecorder, attend, use_attention
 from workbench.capture.attention import register
@@ -130,8 +130,10 @@ def check_last_queries(model: Any, ids: torch.Tensor) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=16384, help="prompt length in tokens")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--length", type=integer(LAST + 1), default=16384, help="prompt length in tokens"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
