@@ -82,6 +82,16 @@ second pass; with learned sinks that ``lse`` includes the sink, so
 ``Σ_j R_bhj + Σ_{i selected} learned_sink_mass_i`` is the number of selected live rows. Padding
 keys receive 0.
 
+Keys per (batch, head, query) -- ``top_keys``
+----------------------------------------------
+The ``k_top`` visible keys with the largest logits ``s_ij`` (so the largest probabilities), the
+largest first, each with its probability ``P_ij = exp(s_ij - lse_i)`` (the row's whole
+log-sum-exp, learned sink included) and its key index. Ties go to the smaller key index, as for
+``argmax``; ordering by logits, not by rounded probabilities. A row with fewer than ``k_top``
+visible keys is padded with probability 0 and index -1 (a fully masked row is all padding). The
+first column is ``max_prob`` and ``argmax``; the rest say where the remaining weight goes, which
+a long prompt's view can show per query without an L×L pattern.
+
 The references below chunk over queries and keys, so their memory is
 O(batch · n_heads · chunk²) on any device; they accumulate in fp32 (fp64 for fp64 inputs).
 """
@@ -102,6 +112,7 @@ __all__ = [
     "key_range",
     "received_attention",
     "stats_from_pattern",
+    "top_keys",
 ]
 
 SpansLike = Tensor | Sequence[Sequence[int]]
@@ -740,6 +751,102 @@ def check_lse_and_query_mask(
             f"query_mask must be bool [batch={batch}, q_len={q_len}], "
             f"got {query_mask.dtype} {_shape(query_mask)}"
         )
+
+
+def top_keys(
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor | None = None,
+    *,
+    k_top: int,
+    causal: bool = True,
+    scale: float | None = None,
+    q_positions: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    chunk: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    chunk_size: int = 512,
+) -> tuple[Tensor, Tensor]:
+    """Reference for `kernels.top_keys`: the ``k_top`` keys each query attends to most.
+
+    Args:
+        q, k, causal, scale, q_positions, key_padding_mask, window, chunk, softcap, sinks,
+            alibi_slopes: as for `attention_stats`.
+        lse: ``[batch, n_heads, q_len]`` log-sum-exp of each row, as `attention_stats` returns
+            it for the same arguments; None computes it here (one more pass over the keys).
+        k_top: how many keys per query, any integer >= 1 (the Triton kernel takes powers of two
+            up to 16).
+
+    Returns:
+        ``(probabilities, indices)``, each ``[batch, n_heads, q_len, k_top]``: fp32 (fp64 for
+        fp64 inputs) and int64, largest first; padding (fewer visible keys than ``k_top``) has
+        probability 0 and index -1. Definition and tie rule in the module docstring.
+
+    Chunked over queries and keys, a running top-k merged with each key chunk that some query
+    of the chunk sees: memory O(batch · n_heads · chunk_size²), never an L×L tensor.
+    """
+    check_qk(q, k)
+    if isinstance(k_top, bool) or not isinstance(k_top, numbers.Integral) or k_top < 1:
+        raise ValueError(f"k_top must be an integer >= 1, got {k_top!r}")
+    a = check_args(
+        q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask,
+        window=window, chunk=chunk, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+    )  # fmt: skip
+    batch, n_heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    dtype = _acc_dtype(q)
+    if lse is None:
+        lse = _lse(q, k, a, causal, chunk_size, dtype)
+    else:
+        check_lse_and_query_mask(lse, None, batch, n_heads, q_len)
+        lse = lse.to(device=q.device, dtype=dtype)
+    logits = torch.full((batch, n_heads, q_len, k_top), -math.inf, dtype=dtype, device=q.device)
+    index = torch.full((batch, n_heads, q_len, k_top), -1, dtype=torch.int64, device=q.device)
+    for q0 in range(0, q_len, chunk_size):
+        q_pos = a.q_positions[q0 : q0 + chunk_size]
+        q_blk = q[:, :, q0 : q0 + chunk_size]
+        best = logits[:, :, q0 : q0 + chunk_size, :0]  # the running top-k, largest first
+        best_idx = index[:, :, q0 : q0 + chunk_size, :0]
+        first, end = key_range(q_pos, k_len, causal=causal, window=a.window, chunk=a.chunk,
+                               chunk_start=a.chunk_start)  # fmt: skip
+        # only the key chunks some query of this chunk sees (half of them, causally)
+        for k0 in range(int(first.min()) // chunk_size * chunk_size, int(end.max()), chunk_size):
+            key_idx = torch.arange(k0, min(k0 + chunk_size, k_len), device=q.device)
+            s = _logits(q_blk, k[:, :, k0 : k0 + chunk_size], a, key_idx, q_pos, dtype)
+            s = s.masked_fill(~_visible(key_idx, q_pos, a, k_len, causal=causal), -math.inf)
+            # earlier candidates first: every key index in ``best`` is below this chunk's
+            candidates = torch.cat([best, s], -1)
+            candidate_idx = torch.cat([best_idx, key_idx.expand_as(s)], -1)
+            best, where = _largest(candidates, min(k_top, candidates.shape[-1]))
+            best_idx = candidate_idx.gather(-1, where)
+        n = best.shape[-1]
+        logits[:, :, q0 : q0 + chunk_size, :n] = best
+        index[:, :, q0 : q0 + chunk_size, :n] = best_idx
+    live = logits > -math.inf  # a visible key (masked keys and padding have -inf)
+    probs = torch.where(live, torch.exp(logits - lse[..., None]), 0.0)
+    return probs, torch.where(live, index, -1)
+
+
+def _largest(values: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` largest entries along the last dim, largest first, equal values in the order
+    they stand in ``values``: ``(values, positions)``, each ``[..., n]``.
+
+    ``torch.topk`` gives the values but no documented order among equal ones, so it only finds
+    the n-th largest value; every entry above it is taken, and of those equal to it the first
+    ones until n are taken.
+    """
+    nth = values.topk(n, dim=-1).values[..., -1:]  # [..., 1]
+    above = values > nth
+    tied = values == nth
+    room = n - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(-1) <= room))  # exactly n per row
+    positions = chosen.nonzero()[:, -1].view(*values.shape[:-1], n)  # increasing per row
+    picked = values.gather(-1, positions)
+    order = picked.sort(dim=-1, descending=True, stable=True).indices
+    return picked.gather(-1, order), positions.gather(-1, order)
 
 
 def stats_from_pattern(
