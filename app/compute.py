@@ -10,9 +10,10 @@ hooks on one model.
 The Head page's views of one layer on one prompt come from :func:`layer_forward`, cached by
 (model, token ids, layer, query window) in :class:`ForwardCache`:
 
-* per-position statistics of every head of the layer (first-token mass, entropy, the key each
-  query attends to most and its weight, attention received per key) from the streamed path
-  (:class:`workbench.capture.StreamedRecorder`, the kernels): no L×L matrix, any length;
+* per-position statistics of every head of the layer (first-token mass, entropy, the
+  :data:`TOP_KEYS` keys each query attends to most with their weights, attention received per
+  key) from the streamed path (:class:`workbench.capture.StreamedRecorder` and
+  :func:`kernels.top_keys`): no L×L matrix, any length;
 * the exact pattern rows of a window of at most :data:`PATTERN_WINDOW` queries, every head of
   the layer, from the pattern path (:func:`workbench.capture.run_with_patterns`; the whole
   prompt when it is that short), when :func:`workbench.capture.resolve_path` picks the pattern
@@ -35,7 +36,14 @@ import numpy as np
 import torch
 
 import workbench
-from workbench.capture import QueryLayout, StreamedRecorder, resolve_path, run_with_patterns
+from kernels import top_keys
+from workbench.capture import (
+    AttentionCall,
+    QueryLayout,
+    StreamedRecorder,
+    resolve_path,
+    run_with_patterns,
+)
 from workbench.errors import CaptureError, ModelLoadError
 from workbench.models import Model, ModelInfo
 from workbench.store import check_run_model
@@ -43,6 +51,8 @@ from workbench.tasks import get_task
 
 # Above this many tokens the browser gets no full pattern, only the rows of a query window.
 PATTERN_WINDOW = 64
+# Keys per query the kernels report (kernels.top_keys) for the queries outside that window.
+TOP_KEYS = 4
 WARM_UP_TEXT = "The first forward pass of a model initialises what later passes reuse."
 
 
@@ -119,20 +129,37 @@ class PositionStats:
 
     first_token_mass: np.ndarray  # [q_pos]: A[i, 0]
     entropy: np.ndarray  # [q_pos]: -sum_j A[i, j] log A[i, j] (nats)
-    max_prob: np.ndarray  # [q_pos]: the largest weight of query i
-    argmax: np.ndarray  # [q_pos]: the key each query attends to most
+    # [q_pos, TOP_KEYS]: the keys each query attends to most, largest weight first, and those
+    # weights A[i, key]; -1 and 0 where a query sees fewer keys (kernels.top_keys)
+    attended_keys: np.ndarray
+    attended_weights: np.ndarray
     received: np.ndarray  # [k_pos]: sum_i A[i, k] (column sums)
     received_rate: np.ndarray  # [k_pos]: received / number of queries that see key k
+
+    @property
+    def max_prob(self) -> np.ndarray:
+        """[q_pos]: the largest weight of each query."""
+        return self.attended_weights[:, 0]
+
+    @property
+    def argmax(self) -> np.ndarray:
+        """[q_pos]: the key each query attends to most (ties: the earlier key)."""
+        return self.attended_keys[:, 0]
+
+    def attended(self, query: int) -> list[tuple[int, float]]:
+        """(key, weight) of the keys ``query`` attends to most, largest first."""
+        keys, weights = self.attended_keys[query], self.attended_weights[query]
+        return [(int(k), float(w)) for k, w in zip(keys, weights, strict=True) if k >= 0]
 
     def top_keys(self, k: int = 10) -> list[tuple[int, float, float]]:
         """(position, received rate, column sum) of the ``k`` keys with the highest rate."""
         order = np.argsort(-self.received_rate, kind="stable")[:k]
         return [(int(p), float(self.received_rate[p]), float(self.received[p])) for p in order]
 
-    def top_queries(self, k: int = 10) -> list[tuple[int, int, float]]:
-        """(query, the key it attends to most, that weight) of the ``k`` most focused queries."""
+    def top_queries(self, k: int = 10) -> list[tuple[int, list[tuple[int, float]]]]:
+        """(query, :meth:`attended`) of the ``k`` most focused queries (largest weight)."""
         order = np.argsort(-self.max_prob, kind="stable")[:k]
-        return [(int(q), int(self.argmax[q]), float(self.max_prob[q])) for q in order]
+        return [(int(q), self.attended(int(q))) for q in order]
 
 
 def _blocks(model: Model) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
@@ -175,13 +202,26 @@ def layer_positions(
 ) -> list[PositionStats]:
     """Streamed per-position statistics of every head of ``layer`` (``token_ids: [seq]``), one
     :class:`PositionStats` per head; no L×L tensor. Only blocks 0..layer run; ``on_block``
-    reports each (see :func:`first_blocks`)."""
+    reports each (see :func:`first_blocks`). The keys each query attends to most come from
+    :func:`kernels.top_keys` on the layer's own post-RoPE queries and keys, with the row
+    log-sum-exp the statistics pass computed."""
+    calls: dict[int, AttentionCall] = {}
+
+    def keep_call(at: int, call: AttentionCall, _output: torch.Tensor) -> None:
+        if at == layer:
+            calls[at] = call
+
     with (
         first_blocks(model, layer + 1, on_block),
-        StreamedRecorder(model.hf, sink_size=1, received=True) as recorder,
+        StreamedRecorder(model.hf, sink_size=1, received=True, on_attention=keep_call) as recorder,
     ):
         model.hf(token_ids[None].to(model.device), use_cache=False)
     stats = recorder.stats[layer]  # fields [batch, n_heads, q_pos]
+    call = calls[layer]
+    weights, keys = top_keys(
+        call.query, call.key, stats.lse, k_top=TOP_KEYS, **call.kernel_options()
+    )  # [batch, n_heads, q_pos, TOP_KEYS] each
+    weights, keys = weights[0].float().cpu().numpy(), keys[0].cpu().numpy()
     received = recorder.received[layer][0].float().numpy()  # [n_heads, k_pos]
     mask = recorder.masks[layer]  # the layer's own window or chunk, as the kernels saw it
     layout = QueryLayout.from_mask(
@@ -192,8 +232,8 @@ def layer_positions(
         PositionStats(
             first_token_mass=stats.sink_mass[0, head].float().numpy(),
             entropy=stats.entropy[0, head].float().numpy(),
-            max_prob=stats.max_prob[0, head].float().numpy(),
-            argmax=stats.argmax[0, head].numpy(),
+            attended_keys=keys[head],
+            attended_weights=weights[head],
             received=received[head],
             received_rate=received[head] / seen_by,
         )

@@ -1,8 +1,8 @@
 /* The Head page's token view (CircuitsVis style): hover a token to colour where it attends
    (blue, by weight) and which queries attend to it (orange). The weights travel in the
    container's data-weights attribute: {rows: per query [[key, weight], ...], exact: [start,
-   stop) of the query rows with exact weights (other rows hold the kernels' top-1 key),
-   tokens: the token texts}. */
+   stop) of the query rows with exact weights (other rows hold the keys the kernels found each
+   query attends to most, largest first), tokens: the token texts}. */
 (function () {
   "use strict";
   function weightsOf(view) {
@@ -44,8 +44,11 @@
     });
     const info = view.parentElement.querySelector(".token-info");
     if (info) {
-      const to = best === null ? "nothing" :
-        name(data, best[0]) + " (" + best[1].toFixed(3) + (exact ? "" : ", kernel top-1") + ")";
+      const row = data.rows[i] || [];
+      const to = best === null ? "nothing" : exact ?
+        name(data, best[0]) + " (" + best[1].toFixed(3) + ")" :
+        row.map(([k, w]) => name(data, k) + " (" + w.toFixed(3) + ")").join(", ") +
+          " (the kernels' top " + row.length + ")";
       const from = by === null ? "no query above 0.05" :
         name(data, by[0]) + " (" + by[1].toFixed(3) + ")";
       info.textContent = name(data, i) + " attends most to " + to + "; attended most by " + from;

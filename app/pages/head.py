@@ -8,7 +8,7 @@ a toy model's training task), a stored circuit's, or typed text -- it shows:
 * a token view in the CircuitsVis style: hover a token to see where it attends (blue) and which
   queries attend to it (orange), with the weights from the exact pattern (up to
   :data:`app.compute.PATTERN_WINDOW` queries at a time) and, for queries outside that window,
-  the key the kernels found each query attends to most;
+  the :data:`app.compute.TOP_KEYS` keys the kernels found each query attends to most;
 * the pattern of the head and of every head of its layer (small multiples; a click opens that
   head), for a query window on long prompts, so the browser never receives an L×L matrix;
 * statistics along positions from the streamed path (any length);
@@ -538,8 +538,9 @@ def _render(
             + (
                 ""
                 if (start, stop) == (0, n) and forward.pattern is not None
-                else f" Exact weights for queries {start}–{stop - 1}; elsewhere the key the "
-                "kernels found each query attends to most (top-1)."
+                else f" Exact weights for queries {start}–{stop - 1}; elsewhere the "
+                f"{compute.TOP_KEYS} keys the kernels found each query attends to most "
+                "(kernels.top_keys)."
             )
         ),
         _token_view(forward, head, text),
@@ -574,7 +575,8 @@ def _render(
 def _token_view(forward: compute.LayerForward, head: int, text: list[str]) -> html.Div:
     """Tokens as spans whose ``data-i`` is their position; the weights per query travel in the
     container's ``data-weights`` (JSON: per query, ``[[key, weight], ...]``; ``exact`` the
-    query rows with exact weights), read by ``assets/tokens.js`` on hover."""
+    query rows with exact weights; the other rows hold the kernels' top keys), read by
+    ``assets/tokens.js`` on hover."""
     positions = forward.positions[head]
     start, stop = forward.window
     rows: list[list[list[float]]] = []
@@ -584,7 +586,7 @@ def _token_view(forward: compute.LayerForward, head: int, text: list[str]) -> ht
             keys = np.nonzero(row >= WEIGHT_FLOOR)[0]
             rows.append([[int(k), round(float(row[k]), 3)] for k in keys])
         else:
-            rows.append([[int(positions.argmax[q]), round(float(positions.max_prob[q]), 3)]])
+            rows.append([[key, round(weight, 3)] for key, weight in positions.attended(q)])
     exact = [start, stop] if forward.pattern is not None else [0, 0]
     payload = json.dumps({"rows": rows, "exact": exact, "tokens": text})
     return html.Div(
@@ -665,13 +667,14 @@ def _position_tables(positions: compute.PositionStats, labels: list[str]) -> lis
     ]
     queries = [
         html.Tr(
-            [
-                html.Td(labels[q]),
-                html.Td(labels[k]),
-                html.Td(f"{weight:.3f}", className="num"),
+            [html.Td(labels[q])]
+            + [
+                html.Td([labels[k], html.Span(f" {weight:.3f}", className="muted")])
+                for k, weight in attended
             ]
+            + [html.Td("") for _ in range(compute.TOP_KEYS - len(attended))]
         )
-        for q, k, weight in positions.top_queries(10)
+        for q, attended in positions.top_queries(10)
     ]
     return [
         html.Div(
@@ -698,12 +701,20 @@ def _position_tables(positions: compute.PositionStats, labels: list[str]) -> lis
                 html.Div(
                     [
                         html.H3("Most focused queries"),
-                        note("the queries whose largest weight is highest, and where it goes"),
+                        note(
+                            "the queries whose largest weight is highest, and the "
+                            f"{compute.TOP_KEYS} keys each attends to most with their weights "
+                            "(kernels.top_keys)"
+                        ),
                         html.Table(
                             [
                                 html.Thead(
                                     html.Tr(
-                                        [html.Th("query"), html.Th("attends to"), html.Th("weight")]
+                                        [html.Th("query")]
+                                        + [
+                                            html.Th(f"key {rank + 1}")
+                                            for rank in range(compute.TOP_KEYS)
+                                        ]
                                     )
                                 ),
                                 html.Tbody(queries),

@@ -46,8 +46,26 @@ def test_pattern_and_streamed_positions_agree(tiny_model) -> None:
     assert positions.top_keys(1)[0][0] == int(
         np.argmax(pattern.sum(0) / np.arange(len(ids), 0, -1))
     )
-    q, k, weight = positions.top_queries(1)[0]
-    assert (k, weight) == (int(pattern[q].argmax()), pytest.approx(pattern.max(), abs=1e-5))
+    q, attended = positions.top_queries(1)[0]
+    assert attended[0] == (int(pattern[q].argmax()), pytest.approx(pattern.max(), abs=1e-5))
+    _assert_top_keys_of(positions, pattern, range(len(ids)))
+
+
+def _assert_top_keys_of(positions, pattern: np.ndarray, queries) -> None:
+    """The keys each query attends to most are the largest entries of its row of the eager
+    pattern (a stable sort: equal weights in key order), with those weights; a query that sees
+    fewer keys than TOP_KEYS has -1 / 0 padding."""
+    for q in queries:
+        row = pattern[q]
+        order = np.argsort(-row, kind="stable")[: compute.TOP_KEYS]
+        visible = int((row > 0).sum())
+        want_keys = np.where(np.arange(compute.TOP_KEYS) < visible, order, -1)
+        np.testing.assert_array_equal(positions.attended_keys[q], want_keys)
+        np.testing.assert_allclose(positions.attended_weights[q], row[order] * (want_keys >= 0),
+                                   atol=1e-5)  # fmt: skip
+        assert positions.attended(q) == [
+            (int(k), pytest.approx(float(row[k]), abs=1e-5)) for k in want_keys if k >= 0
+        ]
 
 
 def test_running_the_first_blocks_only_changes_nothing_for_them(tiny_model) -> None:
@@ -111,6 +129,9 @@ def test_long_prompts_keep_only_a_window_of_pattern_rows(tiny_model) -> None:
     np.testing.assert_allclose(
         forward.pattern[2], full[10 : 10 + compute.PATTERN_WINDOW], atol=1e-6
     )
+    # outside the window the page shows the kernels' top keys of each query: the full pattern's
+    outside = [*range(10), *range(10 + compute.PATTERN_WINDOW, n)]
+    _assert_top_keys_of(forward.positions[2], full, outside)
 
 
 @given(n=st.integers(1, 5000), start=st.one_of(st.none(), st.integers(-100, 6000)))

@@ -17,10 +17,12 @@ from app.components import format_heads, parse_heads
 from app.pages import head as head_page
 from app.pages import lab as lab_page
 from workbench.errors import WorkbenchError
+from workbench.figures import token_labels
 from workbench.models import ModelInfo
 from workbench.store import intervention_results
 from workbench.tasks import get_task
 
+PROMPT_WORDS = "the cat sat on the mat and the dog ran to the park"
 INFO = ModelInfo("m", "local", "r", "LlamaForCausalLM", 30, 9, 3, 64, 576, True, 2048, "0")
 
 
@@ -179,3 +181,40 @@ def _graphs(component) -> list:
     children = getattr(component, "children", None) or []
     children = children if isinstance(children, list) else [children]
     return [g for child in children for g in _graphs(child)]
+
+
+def _find(component, ident: str):
+    """The component with id ``ident`` in a Dash tree, or None."""
+    if getattr(component, "id", None) == ident:
+        return component
+    children = getattr(component, "children", None) or []
+    for child in children if isinstance(children, list) else [children]:
+        found = _find(child, ident)
+        if found is not None:
+            return found
+    return None
+
+
+def test_a_long_prompt_shows_the_kernels_top_keys_outside_the_window(runs: Path) -> None:
+    """Above PATTERN_WINDOW tokens the token view gets exact rows for the window and, for every
+    other query, the TOP_KEYS keys the kernels found, largest first; the focused-queries table
+    names each of them by its decoded token."""
+    model = compute.pool().get(catalog.current().entry("a.h5").summary.model)
+    ids = model.tokenize(" ".join([PROMPT_WORDS] * 8))
+    n = len(ids)
+    assert n > compute.PATTERN_WINDOW
+    forward, _ = compute.forwards().get(model, ids, 1, 0)
+    ident = {"run": "a.h5", "layer": 1, "head": 2}
+    view = head_page._render(ident, "typed", 0, model, forward, 2, "typed text", None, False, 0.1)
+    weights = json.loads(_find(view, "head-tokens").to_plotly_json()["props"]["data-weights"])
+    assert weights["exact"] == [0, compute.PATTERN_WINDOW]
+    positions = forward.positions[2]
+    for q in range(compute.PATTERN_WINDOW, n):
+        expected = [[k, round(w, 3)] for k, w in positions.attended(q)]
+        assert weights["rows"][q] == expected and len(expected) == compute.TOP_KEYS
+    assert "4 keys the kernels found each query attends to most" in _text(view)
+    table = _text(_find(view, "head-top-queries"))
+    labels = token_labels(model, ids)
+    q, attended = positions.top_queries(1)[0]
+    assert all(labels[k] in table for k, _ in attended) and "key 4" in table
+    assert labels[q] in table
