@@ -73,12 +73,16 @@ class KeyMask:
     position p sees only keys j with |p - j| < window (and j <= p when causal; transformers'
     ``sliding_window`` w is window w for causal layers and window w + 1 for bidirectional ones,
     whose mask keeps |p - j| <= w), None for no window; ``chunk``: keys of the query's own
-    chunk of ``chunk`` positions only (Llama 4), None for no chunks.
+    chunk of ``chunk`` positions only (Llama 4), None for no chunks. ``offset``: the absolute
+    position of the first key handed over, > 0 when the KV cache keeps only a sliding window's
+    last keys (transformers' ``DynamicSlidingWindowLayer``, the default cache of Mistral and
+    Gemma 2/3 while generating).
     """
 
     padding: Tensor | None = None
     window: int | None = None
     chunk: int | None = None
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,12 @@ class AttentionCall:
 
     Shapes: ``query [batch, n_heads, q_len, d_qk]``, ``key [batch, n_kv_heads, k_len, d_qk]``,
     ``value [batch, n_kv_heads, k_len, d_v]``; the query rows are the last ``q_len`` key
-    positions (KV-cache convention). ``padding [batch, k_len]`` bool or None. ``sinks
+    positions (KV-cache convention). ``key_offset``: the absolute position of key 0 (> 0 when a
+    sliding-window cache dropped the earliest keys, see :class:`KeyMask`), so that query row
+    ``i`` sits at ``key_offset + k_len - q_len + i``; the kernels work in the call's own key
+    indices, which masks, windows and chunks do not depend on, but key positions that mean
+    something absolute (sinks, spans, ``q_positions``) must be shifted by it.
+    ``padding [batch, k_len]`` bool or None. ``sinks
     [n_heads]``: learned sink logits (gpt-oss ``s_aux``), one extra softmax slot per head with
     no value. ``window``/``chunk`` as in :class:`KeyMask`; ``softcap`` c maps each scaled score
     s to c·tanh(s/c) before the softmax.
@@ -106,6 +115,7 @@ class AttentionCall:
     chunk: int | None = None
     softcap: float | None = None
     sinks: Tensor | None = None
+    key_offset: int = 0
 
     @property
     def plain(self) -> bool:
@@ -195,6 +205,7 @@ def parse_call(
         chunk=mask.chunk,
         softcap=None if softcap is None else float(softcap),
         sinks=sinks,
+        key_offset=mask.offset,
     )
 
 
@@ -242,8 +253,8 @@ def key_mask(
     use_vmap: bool = False,
     **kwargs: Any,
 ) -> KeyMask | None:
-    """``AttentionMaskInterface`` function: a :class:`KeyMask` (None when the attention is plain
-    and nothing is padded).
+    """``AttentionMaskInterface`` function: a :class:`KeyMask` (None when the attention is plain,
+    nothing is padded and the keys start at position 0).
 
     transformers builds every mask from an index function ``mask_function(batch, head, q, kv)``;
     ``local_size`` is set for local and chunked masks. Plain causal and bidirectional masks are
@@ -278,9 +289,15 @@ def key_mask(
             if padding is not None:
                 starts = padding.int().argmax(-1).tolist()  # leading padding keys per row
             window, chunk = _local_structure(mask_function, local_size, starts)
-    if padding is None and window is None and chunk is None:
+    if chunk is not None and kv_offset:
+        raise CaptureError(
+            "this chunked-attention layer's KV cache dropped its first keys (transformers' "
+            "sliding-window cache), so where its chunks start among the cached keys is unknown; "
+            "generate with past_key_values=DynamicCache(), which keeps every key"
+        )
+    if padding is None and window is None and chunk is None and not kv_offset:
         return None
-    return KeyMask(padding=padding, window=window, chunk=chunk)
+    return KeyMask(padding=padding, window=window, chunk=chunk, offset=kv_offset)
 
 
 def _local_structure(

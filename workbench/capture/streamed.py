@@ -24,11 +24,21 @@ learned sink logits reach the kernels exactly as the model's eager attention app
 What the kernels cannot reproduce (ALiBi-style position biases, custom 4D masks, packed
 sequences) is refused with a :class:`~workbench.errors.CaptureError`.
 
-Queries. With a KV cache the ``q_len`` queries are the last ``q_len`` key positions. The
-recorder's ``q_positions`` keeps only the queries at those absolute positions (e.g. the answer
-tokens); ``query_mask [batch, q_len]`` selects queries for the received attention and for
+Queries. With a KV cache the ``q_len`` queries are the last ``q_len`` key positions (while
+generating, one query per forward pass against every cached key). A sliding-window cache
+(transformers' ``DynamicSlidingWindowLayer``, the default cache of Mistral and Gemma 2/3 while
+generating) hands a local layer only its last keys; the recorder still reports absolute
+positions: sinks, spans, ``argmax`` and ``q_positions`` refer to positions in the sequence, and
+keys the cache dropped (outside every window) receive no attention. The recorder's
+``q_positions`` keeps only the queries at those absolute positions (e.g. the answer tokens);
+``query_mask [batch, q_len]`` selects queries for the received attention and for
 ``reduce="mean"``, which stores the per-head mean over the selected queries instead of
 per-query statistics (``argmax`` is then None).
+
+Waiting. Without ``on_layer``, recording does not wait for the GPU: inputs from the CPU go over
+with non-blocking copies, and statistics leave it with non-blocking copies to ``device`` (the
+CPU by default, a few small copies per layer), or stay on it with ``device=<the GPU>``, e.g. to
+keep every token of a generation there and copy them once at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import AttentionStats, attention_stats, received_attention
@@ -238,8 +249,8 @@ class StreamedRecorder:
         query, key, value = call.query, call.key, call.value
 
         q_len, k_len = query.shape[2], key.shape[2]
-        offset = k_len - q_len  # absolute position of query row 0 (KV-cache convention)
-        rows, positions = self._kept_rows(offset, k_len, query.device)  # [n] each
+        first_key = call.key_offset  # absolute position of key 0 (> 0: a sliding-window cache)
+        rows, positions = self._kept_rows(first_key, q_len, k_len, query.device)  # [n] each
         query_mask = self.query_mask
         if query_mask is not None:
             if query_mask.shape != (query.shape[0], q_len):
@@ -247,10 +258,10 @@ class StreamedRecorder:
                     f"query_mask must be [batch={query.shape[0]}, q_len={q_len}], "
                     f"got {tuple(query_mask.shape)}"
                 )
-            query_mask = query_mask.to(query.device)
+            query_mask = query_mask.to(query.device, non_blocking=True)
 
         common = dict(**call.kernel_options(), backend=self.backend)
-        kept = dict(sink_size=self.sink_size, recent_window=self.recent_window, spans=self.spans)
+        kept = self._kept_keys(first_key)
         output = None
         fused = call.dropout == 0 and (
             self.output == "kernel"
@@ -270,12 +281,16 @@ class StreamedRecorder:
         q_sel = query if rows is None else query[:, :, rows]
         if rows is not None and query_mask is not None:
             query_mask = query_mask[:, rows]
+        if first_key:  # key indices of this call -> absolute positions
+            st.argmax = torch.where(st.argmax >= 0, st.argmax + first_key, st.argmax)
 
-        rec = None  # [batch, n_heads, k_len]
+        rec = None  # [batch, n_heads, first_key + k_len]
         if self.record_received:
             rec = received_attention(
                 q_sel, key, st.lse, q_positions=positions, query_mask=query_mask, **common
             )
+            if first_key:  # keys the cache dropped are outside every window: they receive 0
+                rec = F.pad(rec, (first_key, 0))
         if self.reduce == "mean":
             st = _mean_over_queries(st, query_mask)
         if self.on_layer is not None:  # blocking copies: the callback reads them at once
@@ -289,19 +304,40 @@ class StreamedRecorder:
         return layer, output
 
     def _kept_rows(
-        self, offset: int, k_len: int, device: torch.device
+        self, first_key: int, q_len: int, k_len: int, device: torch.device
     ) -> tuple[Tensor | None, Tensor | None]:
-        """Query rows to keep on ``device`` and their absolute positions (on the CPU, where the
-        kernels validate them without waiting for the GPU); None, None keeps all. Computed on
-        the CPU once per shape: a boolean index on the GPU would wait for it every layer."""
+        """Query rows to keep on ``device`` and their positions among the call's keys (on the
+        CPU, where the kernels validate them without waiting for the GPU); None, None keeps
+        all. Row ``i`` of a call whose first key sits at absolute position ``first_key`` is at
+        ``first_key + k_len - q_len + i``. Computed on the CPU once per shape and sent without
+        a blocking copy: a boolean index on the GPU, or a blocking copy, would wait for the GPU
+        every layer (or, while decoding, every token)."""
         if self.q_positions is None:
             return None, None
-        key = (offset, k_len, device)
+        key = (first_key, q_len, k_len, device)
         if key not in self._rows:
+            if len(self._rows) >= 64:  # decoding makes a new shape every token
+                self._rows.clear()
+            start = first_key + k_len - q_len  # absolute position of row 0
             pos = self.q_positions
-            pos = pos[(pos >= offset) & (pos < k_len)]
-            self._rows[key] = ((pos - offset).to(device), pos)
+            pos = pos[(pos >= start) & (pos < first_key + k_len)]
+            self._rows[key] = ((pos - start).to(device, non_blocking=True), pos - first_key)
         return self._rows[key]
+
+    def _kept_keys(self, first_key: int) -> dict[str, Any]:
+        """``sink_size``, ``recent_window`` and ``spans`` for a call whose key 0 sits at absolute
+        position ``first_key``: sinks and spans are absolute, so they move by ``-first_key``
+        (what the cache dropped counts as empty). The recent window is relative to each query
+        and stays."""
+        kept = dict(sink_size=self.sink_size, recent_window=self.recent_window, spans=self.spans)
+        if not first_key:
+            return kept
+        kept["sink_size"] = max(self.sink_size - first_key, 0)
+        if self.spans is not None:
+            shifted = (torch.as_tensor(self.spans) - first_key).clamp(min=0)
+            # a list stays a list: the kernels cache span lists on the device
+            kept["spans"] = shifted if isinstance(self.spans, Tensor) else shifted.tolist()
+        return kept
 
 
 def _mean_over_queries(st: AttentionStats, query_mask: Tensor | None) -> AttentionStats:
