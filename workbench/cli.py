@@ -93,6 +93,11 @@ def _scan_arguments(p: argparse.ArgumentParser) -> None:
 def _show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run file (.h5) written by `workbench scan`")
     p.add_argument("--scores", type=names, help="comma-separated score names (default: all)")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="the compact summary `workbench scan` prints instead of the layer x head grids",
+    )
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -220,7 +225,7 @@ COMMANDS = [
     ),
     Command(
         "show",
-        "print the score tables of a run file",
+        "print the score tables of a run file as layer x head grids (--summary: compact)",
         "workbench.commands:run_show",
         _show_arguments,
     ),

@@ -26,7 +26,7 @@ from workbench.export import export, select_full
 from workbench.headmap import HeadMap, Policy
 from workbench.kv_policy import evaluate_map, machine
 from workbench.models import load
-from workbench.scanner import ScanResult, scan
+from workbench.scanner import ScanResult, figure_path, scan
 from workbench.store import check_run_model, open_run
 from workbench.tasks import load_prompts
 from workbench.tasks.needle import NEEDLES, needle_grid, toy_recall_grid
@@ -36,6 +36,7 @@ from workbench.toys import train_toy
 def run_scan(args: argparse.Namespace) -> None:
     """``workbench scan``."""
     out = Path(args.out) if args.out else check_output(Path("runs") / f"{Path(args.model).stem}.h5")
+    figure = check_output(figure_path(out))
     # under torchrun each rank scans its share of the prompts on its own GPU (workbench.distributed)
     ranks = distributed.init_from_env()
     try:
@@ -63,7 +64,9 @@ def run_scan(args: argparse.Namespace) -> None:
         distributed.shutdown()
     if ranks.is_main:
         print(result.summary())
-        print(f"run file: {result.path}")
+        print()
+        print(f"run file: {result.path} (the grids: workbench show {result.path})")
+        print(f"figure: {result.write_html(figure)}")
 
 
 def run_show(args: argparse.Namespace) -> None:
@@ -77,7 +80,8 @@ def run_show(args: argparse.Namespace) -> None:
             f"{run.path}: {info.name} ({info.revision}), created {run.attrs['created']}; "
             f"measurements: {inputs}"
         )
-    print(ScanResult(info, tables).summary())
+    result = ScanResult(info, tables, Path(args.run))
+    print(result.summary() if args.summary else result.grids())
 
 
 def run_export(args: argparse.Namespace) -> None:

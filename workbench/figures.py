@@ -17,7 +17,9 @@ Layer × head grids (:func:`score_heatmap`, :func:`label_heatmap`, :func:`compar
 put layer 0 at the top, as TransformerLens's ``imshow`` of head scores does, and draw
 grouped-query attention in: thin lines between KV groups, and the KV head of every query head
 in its hover text (query head h reads KV head ``h // group_size``, the HF ``repeat_kv`` rule).
-One heatmap trace holds all heads, so a 30 × 32 grid stays one draw call.
+One heatmap trace holds all heads, so a 30 × 32 grid stays one draw call. A per-layer quantity
+(a score every head of a layer shares, ``ScoreTable.layer_values``) is drawn once per layer
+instead (:func:`layer_profile`).
 
 The explorer's Head page adds every head of a layer on one prompt (:func:`layer_patterns`) and
 a head's direct logit attribution along the prompt (:func:`logit_attribution_bars`); the lab a
@@ -609,6 +611,27 @@ def depth_profile(
     fig.update_xaxes(title_text="relative depth (layer / last layer)", range=[-0.02, 1.02])
     fig.update_yaxes(title_text=f"mean {name} over heads" if name else "mean over heads")
     fig.update_layout(legend={"orientation": "h", "y": -0.25})
+    return apply_style(fig, height=360, title=title)
+
+
+def layer_profile(info: ModelInfo, values: np.ndarray, name: str, *, title: str) -> go.Figure:
+    """A per-layer quantity (``values: [n_layers]``, e.g. ``ScoreTable.layer_values``) as one
+    marker per layer: a number that every head of a layer shares is drawn once, not as a grid
+    of equal cells."""
+    values = np.asarray(values, dtype=float)  # [n_layers]
+    if values.shape != (info.n_layers,):
+        raise ShapeError(f"{name!r} must be [n_layers] = ({info.n_layers},), got {values.shape}")
+    fig = go.Figure(
+        go.Scatter(
+            x=list(range(info.n_layers)),
+            y=values,
+            mode="lines+markers",
+            name=name,
+            hovertemplate="layer %{x}: %{y:.3f}<extra>" + name + "</extra>",
+        )
+    )
+    fig.update_xaxes(title_text="layer", tickmode="array", tickvals=list(range(info.n_layers)))
+    fig.update_yaxes(title_text=name)
     return apply_style(fig, height=360, title=title)
 
 

@@ -223,6 +223,26 @@ class ScoreTable:
         return self.above & ~self.selected
 
     @property
+    def layer_values(self) -> np.ndarray | None:
+        """``[n_layers]``: the score of each layer when the table holds a per-layer quantity
+        repeated over the heads (every head of each layer has the same score, NaN equal to NaN,
+        as ``residual_peak``'s residual-stream ratio), else ``None``.
+
+        Decided from the values, so it holds for run files of any age. A table with one head
+        per layer, or with no finite score at all, is not treated as per-layer.
+
+        >>> ScoreTable("peak", np.array([[2.0, 2.0], [5.0, 5.0]]), "d").layer_values
+        array([2., 5.], dtype=float32)
+        >>> ScoreTable("sink", np.array([[0.1, 0.2], [0.5, 0.5]]), "d").layer_values is None
+        True
+        """
+        values = self.values
+        if values.shape[1] < 2 or not np.isfinite(values).any():
+            return None
+        first = np.broadcast_to(values[:, :1], values.shape)
+        return values[:, 0].copy() if np.array_equal(values, first, equal_nan=True) else None
+
+    @property
     def rule(self) -> str:
         """The label rule in words, as the run file's ``labels/<label>`` records it."""
         if self.interval is None:

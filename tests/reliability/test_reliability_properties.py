@@ -204,7 +204,7 @@ def test_a_scan_killed_at_random_points_resumes_to_the_uninterrupted_result(
     for kill_at in kills:
         _scan(tiny_llama_dir, prompts, out, kill_at)
     assert _scan(tiny_llama_dir, prompts, out) == 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["run.h5"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["run.h5", "run.html"]
     with open_run(out) as a, open_run(reference) as b:
         assert a.score_names == b.score_names and a.label_names == b.label_names
         for name in a.score_names:

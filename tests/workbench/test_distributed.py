@@ -129,7 +129,8 @@ def test_torchrun_scan_matches_single_process(tiny_llama_dir, tiny_model, prompt
     done = _torchrun(*_scan_args(tiny_llama_dir, prompt_file, out))
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(f"run file: {out}") == 1  # rank 0 alone reports
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl", "ranks.h5", "single.h5"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["prompts.jsonl", "ranks.h5", "ranks.html", "single.h5"]  # rank 0 alone writes
     _assert_same_run(out, single.path)
 
 

@@ -322,3 +322,18 @@ def test_circuit_graph_keeps_the_heads_of_a_layer_apart() -> None:
     assert list(fig.layout.yaxis.tickvals) == [2, 5]
     induction = next(t for t in fig.data if t.name == "induction")
     assert "DLA 0.250" in induction.hovertext[0]
+
+
+def test_a_per_layer_quantity_is_drawn_once_per_layer() -> None:
+    info = _info(3, 4, 2)
+    per_layer = np.array([0.75, 7.25, 159.0])  # exact in float32
+    fig = figs.layer_profile(info, per_layer, "residual_peak", title="t")
+    (line,) = fig.data
+    assert list(line.x) == [0, 1, 2] and list(line.y) == per_layer.tolist()
+    assert fig.layout.xaxis.title.text == "layer" and fig.layout.title.text == "t"
+    with pytest.raises(ShapeError, match=r"\[n_layers\] = \(3,\)"):
+        figs.layer_profile(info, np.ones((3, 4)), "residual_peak", title="t")
+    table = ScoreTable("residual_peak", np.repeat(per_layer[:, None], 4, axis=1), "per layer")
+    result = ScanResult(info, {"residual_peak": table})
+    assert list(result.plot("residual_peak").data[0].y) == per_layer.tolist()
+    assert result.heatmap("residual_peak").data[0].type == "heatmap"  # the grid stays available

@@ -129,3 +129,35 @@ def test_intervals_and_tentative_heads_roundtrip_through_the_run_file(tmp_path, 
         assert table.interval.resamples == 1000 and table.interval.confidence == 0.95
         assert run.label("p").sum() == 1 and run.label("p")[0, 0]
         assert run.tentative("p").sum() == 1 and run.tentative("p")[0, 1]
+
+
+def test_a_per_layer_quantity_is_told_from_a_per_head_score():
+    repeated = np.repeat(np.array([[0.75], [159.0], [np.nan]]), 9, axis=1)  # residual_peak-like
+    np.testing.assert_array_equal(
+        ScoreTable("p", repeated, "d").layer_values, [0.75, 159.0, np.nan]
+    )
+    varied = repeated.copy()
+    varied[1, 4] = 158.0  # one head differs: per head
+    assert ScoreTable("p", varied, "d").layer_values is None
+    assert ScoreTable("p", np.ones((3, 1)), "d").layer_values is None  # one head: per head
+    assert ScoreTable("p", np.full((3, 4), np.nan), "d").layer_values is None  # no score
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.sampled_from([0.0, 0.5, 2.0, float("nan")]), min_size=3, max_size=3),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_layer_values_exactly_when_every_row_holds_one_value(rows):
+    """Against a row-by-row reading: a table is per-layer when each row's values, NaN counted as
+    a value, are one, and some value is finite."""
+    values = np.array(rows)
+    one_each = all(len({repr(float(v)) for v in row}) == 1 for row in rows)
+    expected = one_each and np.isfinite(values).any()
+    layer_values = ScoreTable("p", values, "d").layer_values
+    assert (layer_values is not None) == expected
+    if expected:
+        np.testing.assert_array_equal(layer_values, values[:, 0].astype(np.float32))
