@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import attention_stats, received_attention, reference
 from workbench.atomic import atomic_write_text
@@ -120,7 +121,6 @@ def _sdpa(q, k, v, backend) -> tuple[Callable[[], torch.Tensor], str | None]:
     given K/V repeated to every query head beforehand (outside the timing), as Hugging Face's
     ``repeat_kv`` would, which favours SDPA.
     """
-    from torch.nn.attention import sdpa_kernel
 
     def call(kk, vv, gqa):
         def run():
@@ -174,7 +174,6 @@ def _max_error(q, k, length: int) -> dict[str, float]:
 
 def _methods(q, k, v, spans) -> dict[str, Callable[[], tuple[Callable[[], object], int, str]]]:
     """name -> builder of (call, number of causal L×L products it does, note)."""
-    from torch.nn.attention import SDPBackend
 
     def stats():
         return attention_stats(q, k, spans=spans, **STATS_KW)
@@ -534,29 +533,75 @@ def _sweep_calls(q, k, v, a, lse, cfg) -> dict[str, Callable[[], object]]:
         "stats+out": lambda: stats_module._triton_stats(
             q, k, v, a, causal=True, return_output=True, config=cfg, **STATS_KW
         ),
-        "recv": lambda: received_module._triton_received(
-            q, k, lse, a, causal=True, query_mask=None, config=cfg
-        ),
     }
 
 
-def sweep(length: int) -> None:
-    """Time block configurations of the kernels (bf16, causal, H=32, n_kv=8)."""
-    configs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2),
-               (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3)]  # fmt: skip
+SWEEP_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3))
+SWEEP_OPTIONS = ((True, True), (False, True), (True, False), (False, False))  # pipelined, lazy
+
+
+def sweep(length: int, log: Callable[[dict], None]) -> list[dict]:
+    """Time launch configurations of the kernels (bf16, causal, H=32, n_kv=8) against cuDNN SDPA.
+
+    Statistics and stats+out: every tile shape of `SWEEP_TILES` with every loop option of
+    `SWEEP_OPTIONS`; softcap 30: each
+    `kernels.attention_stats.tanh_mode` form on the default tiles; received attention: its
+    tiles.
+    """
+    rows = []
+
+    def record(**row) -> None:
+        rows.append(row)
+        log(row)
+
     for d in (128, 64):
         q, k, v = _inputs(length, 8, d)
-        a = reference.check_args(
-            q, k, scale=None, q_positions=None, key_padding_mask=None, spans=_spans(length),
-            **STATS_KW,
-        )  # fmt: skip
+        kw = dict(q_positions=None, key_padding_mask=None, spans=_spans(length), **STATS_KW)
+        a = reference.check_args(q, k, scale=None, **kw)
         lse = attention_stats(q, k).lse
-        for cfg in configs:
-            for name, fn in _sweep_calls(q, k, v, a, lse, cfg).items():
-                try:
-                    print(f"sweep d={d} L={length} {name} {cfg}: {_time(fn):.3f} ms", flush=True)
-                except Exception as e:  # a config over the shared-memory or register limits
-                    print(f"sweep d={d} L={length} {name} {cfg}: {type(e).__name__}", flush=True)
+        cudnn, _ = _sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
+        record(d=d, length=length, method="cudnn", ms=_time(cudnn))
+        for tile in SWEEP_TILES:
+            for pipelined, lazy in SWEEP_OPTIONS:
+                cfg = stats_module.KernelConfig(*tile, pipelined=pipelined, lazy_argmax=lazy)
+                for name, fn in _sweep_calls(q, k, v, a, lse, cfg).items():
+                    try:
+                        ms = _time(fn)
+                    except Exception as e:  # a config over the shared-memory or register limits
+                        ms = type(e).__name__
+                    record(d=d, length=length, method=name, config=cfg._asdict(), ms=ms)
+        for tile in ((64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3)):
+            fn = functools.partial(
+                received_module._triton_received, q, k, lse, a, causal=True, query_mask=None,
+                config=tile,
+            )  # fmt: skip
+            record(d=d, length=length, method="received", config=tile, ms=_time(fn))
+        if d == 128:
+            capped = reference.check_args(q, k, scale=None, softcap=30.0, **kw)
+            base = stats_module.block_sizes(d, True)
+            for tanh in (0, 1, 2):
+                cfg = base._replace(tanh=tanh)
+                for name, fn in _sweep_calls(q, k, v, capped, lse, cfg).items():
+                    record(d=d, length=length, method=f"softcap {name}", tanh=tanh,
+                           config=cfg._asdict(), ms=_time(fn))  # fmt: skip
+            errs = {}
+            for tanh in (0, 1, 2):
+                got = stats_module._triton_stats(
+                    q[:, :, :2048], k[:, :, :2048], None,
+                    reference.check_args(q[:, :, :2048], k[:, :, :2048], scale=None, softcap=30.0,
+                                         q_positions=None, key_padding_mask=None, spans=None,
+                                         **STATS_KW),
+                    causal=True, return_output=False, config=base._replace(tanh=tanh), **STATS_KW,
+                )  # fmt: skip
+                ref = reference.attention_stats(
+                    q[:, :, :2048].float(), k[:, :, :2048].float(), softcap=30.0, **STATS_KW
+                )
+                errs[tanh] = max(
+                    (getattr(got, f) - getattr(ref, f)).abs().max().item()
+                    for f in ("lse", "entropy", "max_prob", "sink_mass", "outside_mass")
+                )
+            record(d=d, length=2048, method="softcap error vs fp32 reference", errors=errs)
+    return rows
 
 
 def _length_label(length: int) -> str:
@@ -709,7 +754,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return 0 if check() else 1
     if args.sweep:
-        sweep(args.sweep)
+        rows = sweep(args.sweep, log=lambda r: print(json.dumps(r), flush=True))
+        path = args.out / f"{device_slug()}-sweep-{args.sweep}.json"
+        atomic_write_text(path, json.dumps({"command": f"python -m kernels.bench --sweep "
+                                            f"{args.sweep}", "rows": rows}, indent=1))  # fmt: skip
         return 0
     import triton
 

@@ -1,0 +1,155 @@
+"""Where the statistics kernel's time goes: its machine code and Nsight Compute's counters.
+
+``python -m benchmarks.stats_profile --out DIR`` (CUDA GPU with ``cuobjdump`` and ``ncu``):
+
+1. compiles the stats kernel (statistics only, and statistics + output) at d=128 and d=64 in bf16
+   with a fresh Triton cache under ``DIR``, disassembles each cubin with ``cuobjdump -sass`` and
+   counts the instruction classes that matter here: ``HGMMA`` (Hopper's warpgroup matrix
+   instruction; ``HMMA`` alone would mean the older, slower path), ``MUFU.EX2`` / ``MUFU.TANH``
+   (the special-function unit: one per score for the softmax), and spills (``LDL``/``STL``);
+2. runs one warm call of each under ``ncu --clock-control none`` and records the counters that
+   say what bounds it: tensor-pipe, special-function (XU), FMA and ALU pipe utilisation, issue
+   slot use and the top warp-stall reasons.
+
+Results: ``DIR/stats-profile.json`` and the raw ``ncu`` reports. ``--once MODE D L`` is the
+single call that ``ncu`` profiles (also usable by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from kernels import attention_stats
+from workbench.atomic import atomic_write_text
+
+MODES = ("stats", "stats+out")
+SHAPES = ((128, 16384), (64, 16384))  # (d, L), H=32 query heads, 8 KV heads
+SASS_CLASSES = ("HGMMA", "HMMA", "MUFU.EX2", "MUFU.TANH", "MUFU.RCP", "FFMA", "FMUL", "FADD",
+                "FMNMX", "FSETP", "FSEL", "SEL", "LDL", "STL", "LDGSTS", "UTMALDG",
+                "BAR")  # fmt: skip
+SASS_OP = r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9.]+)"  # the opcode after the address
+NCU_METRICS = (
+    "gpu__time_duration.sum",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
+    "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__inst_issued.avg.pct_of_peak_sustained_active",
+    "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "launch__registers_per_thread",
+    "launch__occupancy_limit_registers",
+    "smsp__average_warp_latency_issue_stalled_wait.ratio",
+    "smsp__average_warp_latency_issue_stalled_math_pipe_throttle.ratio",
+    "smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio",
+    "smsp__average_warp_latency_issue_stalled_barrier.ratio",
+    "smsp__average_warp_latency_issue_stalled_short_scoreboard.ratio",
+    "smsp__average_warp_latency_issue_stalled_dispatch_stall.ratio",
+    "smsp__average_warp_latency_issue_stalled_mio_throttle.ratio",
+)
+
+
+def once(mode: str, d: int, length: int) -> None:
+    """One warm call of the kernel (the first call compiles and is not the one profiled)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 32, length, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 8, length, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 8, length, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    kw = dict(sink_size=4, recent_window=256, spans=[[length // 3, length // 3 + 64]])
+    for _ in range(2):
+        attention_stats(q, k, v, return_output=mode == "stats+out", **kw)
+    torch.cuda.synchronize()
+
+
+def sass_counts(cache: Path) -> dict[str, dict[str, int]]:
+    """Instruction-class counts of every compiled ``_stats_fwd`` cubin under a Triton cache."""
+    counts = {}
+    for cubin in sorted(cache.rglob("_stats_fwd.cubin")):
+        sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+        ops = collections.Counter(
+            m.group(1)
+            for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9.]+)", sass)
+        )
+        meta = json.loads((cubin.parent / "_stats_fwd.json").read_text())
+        key = (
+            f"{cubin.parent.name[:12]} warps={meta.get('num_warps')} "
+            f"stages={meta.get('num_stages')}"
+        )
+        counts[key] = {c: sum(n for op, n in ops.items() if op.startswith(c)) for c in SASS_CLASSES}
+        usage = subprocess.run(["cuobjdump", "-res-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout  # fmt: skip
+        for field in ("REG", "STACK", "SHARED", "LOCAL"):
+            found = re.search(rf"{field}:(\d+)", usage)
+            counts[key][field.lower()] = int(found.group(1)) if found else None
+    return counts
+
+
+def ncu(mode: str, d: int, length: int, out: Path) -> dict[str, float | str]:
+    """Nsight Compute counters of the second (warm) launch of ``_stats_fwd``: the sections'
+    text report to a file, the metrics of `NCU_METRICS` parsed."""
+    target = [sys.executable, "-m", "benchmarks.stats_profile", "--once", mode, str(d),
+              str(length)]  # fmt: skip
+    base = ["ncu", "--clock-control", "none", "--kernel-name", "_stats_fwd", "--launch-skip", "1",
+            "--launch-count", "1"]  # fmt: skip
+    stem = f"ncu-{mode.replace('+', '_')}-d{d}"
+    sections = [a for s in ("SpeedOfLight", "ComputeWorkloadAnalysis", "WarpStateStats",
+                            "LaunchStats", "Occupancy", "InstructionStats")
+                for a in ("--section", s)]  # fmt: skip
+    run = subprocess.run(base + sections + target, capture_output=True, text=True)
+    (out / f"{stem}-sections.txt").write_text(run.stdout + run.stderr)
+    cmd = [*base, "--metrics", ",".join(NCU_METRICS), "--csv", *target]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    (out / f"{stem}-metrics.csv").write_text(run.stdout + run.stderr)
+    values: dict[str, float | str] = {}
+    for line in run.stdout.splitlines():
+        cells = [c.strip('"') for c in line.split('","')]
+        if len(cells) > 3 and cells[-3] in NCU_METRICS:
+            try:
+                values[cells[-3]] = float(cells[-1].replace(",", ""))
+            except ValueError:
+                values[cells[-3]] = cells[-1]
+    if not values:
+        values["error"] = (run.stderr or run.stdout)[-500:]
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--once", nargs=3, metavar=("MODE", "D", "L"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.stats_profile needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.once:
+        once(args.once[0], int(args.once[1]), int(args.once[2]))
+        return 0
+    if args.out is None:
+        parser.error("--out DIR is needed")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for d, length in SHAPES:
+        for mode in MODES:
+            cache = args.out / f"triton-cache-{mode.replace('+', '_')}-d{d}"
+            env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
+            subprocess.run([sys.executable, "-m", "benchmarks.stats_profile", "--once", mode,
+                            str(d), str(length)], env=env, check=True)  # fmt: skip
+            name = f"{mode} d={d} L={length}"
+            result[name] = {"sass": sass_counts(cache), "ncu": ncu(mode, d, length, args.out)}
+            print(name, json.dumps(result[name]), flush=True)
+            atomic_write_text(args.out / "stats-profile.json", json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
