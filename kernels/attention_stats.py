@@ -46,7 +46,6 @@ Query blocks are launched heaviest first, which shortens the tail of causal grid
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -61,7 +60,7 @@ try:
 except ImportError:  # the torch reference still works
     triton = None
 
-__all__ = ["KernelConfig", "attention_stats"]
+__all__ = ["attention_stats"]
 
 _LOG2E = 1.4426950408889634
 
@@ -88,50 +87,30 @@ def interpreting() -> bool:
     return triton is not None and type(_stats_fwd).__name__ == "InterpretedFunction"
 
 
-class KernelConfig(NamedTuple):
-    """How the stats kernel is launched: tiles, warps, pipeline depth and two loop options.
+def block_sizes(d_head: int, on_gpu: bool, with_output: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the stats kernel.
 
-    ``pipelined``: issue the next key block's q·kᵀ before folding the current one (see the
-    module docstring). ``lazy_argmax``: search a block for the max's index only when some row's
-    max grows in it. ``tanh``: how softcapped logits are computed (`tanh_mode`; None: pick by
-    dtype and device).
-    """
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    pipelined: bool = True
-    lazy_argmax: bool = True
-    tanh: int | None = None
-
-
-def block_sizes(d_head: int, on_gpu: bool, with_output: bool = False) -> KernelConfig:
-    """The stats kernel's launch configuration for a head size.
-
-    Statistics only: the fastest of ``python -m kernels.bench --sweep 16384`` on an H100. With
-    the output, the [BLOCK_M, d] accumulator wants 8 warps: at d=128 the 4-warp configuration
-    ran 1.3-1.6x slower there, at d=64 within 6% (docs/benchmarks.md). Heads wider than 128
-    (MLA's 192) get 64-row blocks so that the q tile and accumulator fit; not tuned. The
-    interpreter gets small blocks so that tests at a few hundred tokens still cross several
-    blocks.
+    The fastest of ``python -m kernels.bench --sweep 16384`` on an H200 (bf16, 32 query / 8 KV
+    heads; benchmarks/results/nvidia-h200-sweep-16384.json). Statistics: 128×64 tiles on 4 warps
+    at d=128, 64×64 at d=64. With the output: 128×64 on 8 warps at d=128 (the 4-warp
+    configuration spills its [BLOCK_M, d] accumulator: 1.8x slower), 64×64 on 4 warps at d=64
+    (10% faster than 128×128 on 8). Heads wider than 128 (MLA's 192) get 64-row blocks so that
+    the q tile and accumulator fit; not tuned. The interpreter gets small blocks so that tests at
+    a few hundred tokens still cross several blocks.
     """
     if not on_gpu:
-        return KernelConfig(32, 32, 4, 1)
+        return 32, 32, 4, 1
     if d_head > 128:
-        return KernelConfig(64, 64, 8, 2) if with_output else KernelConfig(64, 64, 4, 2)
-    if with_output:
-        return KernelConfig(128, 128, 8, 3) if d_head <= 64 else KernelConfig(128, 64, 8, 3)
-    return KernelConfig(64, 64, 4, 3) if d_head <= 64 else KernelConfig(128, 64, 4, 3)
+        return (64, 64, 8, 2) if with_output else (64, 64, 4, 2)
+    if d_head <= 64:
+        return 64, 64, 4, 3
+    return (128, 64, 8, 3) if with_output else (128, 64, 4, 3)
 
 
-def tanh_mode(dtype: torch.dtype, on_gpu: bool) -> int:
-    """The kernels' ``TANH`` switch (`_tanh`): the hardware tanh for 16-bit inputs on a GPU.
-
-    Its 2^-11 relative error is below the rounding of bf16/fp16 scores; fp32 inputs and the
-    interpreter (no inline PTX) take the exp2 form.
-    """
-    return 2 if on_gpu and dtype in (torch.float16, torch.bfloat16) else 0
+def fast_tanh(dtype: torch.dtype, on_gpu: bool) -> bool:
+    """Whether softcapped logits use the hardware tanh (`_tanh`): 16-bit inputs on a GPU, where
+    its 2^-11 relative error is below the rounding of the scores themselves."""
+    return on_gpu and dtype in (torch.float16, torch.bfloat16)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -149,23 +128,20 @@ if triton is not None:
         return tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
 
     @triton.jit
-    def _tanh(x, TANH: tl.constexpr):
-        """tanh for logit softcapping; ``TANH`` picks how (`tanh_mode`).
+    def _tanh(x, FAST_TANH: tl.constexpr):
+        """tanh for logit softcapping.
 
-        0: from exp2 and a fast division (~1e-7 absolute error; the interpreter has no inline
-        PTX and fp32 inputs want this accuracy). 1: PTX ``tanh.approx.f32`` (one MUFU op, max
-        relative error 2^-11, what FlashAttention's softcap uses). 2: ``tanh.approx.f16x2``, two
-        scores per MUFU op at the same 2^-11 error, for 16-bit inputs.
+        FAST_TANH (`fast_tanh`): PTX ``tanh.approx.f32``, one special-function op per score
+        (relative error 2^-11, as in FlashAttention's softcap); on the H200 it made the softcapped
+        statistics pass 1.4x faster than the form below, 1.5e-5 from the fp32 reference in bf16
+        (benchmarks/results/nvidia-h200-sweep-16384.json). Otherwise tanh from exp2 and a fast
+        division, ~1e-7 absolute error: for fp32 inputs, and for the interpreter, which runs no
+        inline PTX.
         """
-        if TANH == 1:
+        if FAST_TANH:
             y = tl.inline_asm_elementwise(
                 "tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
             )
-        elif TANH == 2:
-            y = tl.inline_asm_elementwise(
-                "tanh.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16,
-                is_pure=True, pack=2,
-            ).to(tl.float32)  # fmt: skip
         else:
             t = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # e^{-2|x|}
             y = tl.fdiv(1.0 - t, 1.0 + t, ieee_rounding=False)
@@ -211,18 +187,18 @@ if triton is not None:
         slope,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
-        TANH: tl.constexpr,
+        FAST_TANH: tl.constexpr,
     ):
         """Raw products q·k [BLOCK_M, BLOCK_N] -> base-2 logits (`reference._logits` · log2 e)."""
         x = s * sm_scale
         if SOFTCAP:
-            x = softcap * _tanh(x * (1.0 / softcap), TANH)
+            x = softcap * _tanh(x * (1.0 / softcap), FAST_TANH)
         if ALIBI:
             x += slope * (offs_n[None, :] - qpos[:, None]).to(tl.float32)
         return x * 1.4426950408889634
 
     @triton.jit
-    def _qk(
+    def _scores(
         q,
         K_head,
         start_n,
@@ -232,26 +208,6 @@ if triton is not None:
         stride_kn,
         stride_kd,
         d_head: tl.constexpr,
-        MASKED: tl.constexpr,
-        DOT_PREC: tl.constexpr,
-    ):
-        """Raw products q·k of one key block: [BLOCK_M, BLOCK_N]."""
-        offs_n = start_n + offs_n_base  # [BLOCK_N]
-        k_ptrs = K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        if MASKED:
-            k = tl.load(
-                k_ptrs, mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < d_head), other=0.0
-            )
-        else:
-            k = _load_rows(k_ptrs, offs_d, d_head)  # [BLOCK_N, BLOCK_D]
-        return tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-
-    @triton.jit
-    def _logits(
-        s,
-        start_n,
-        offs_n_base,
-        k_len,
         qpos,
         first,
         end,
@@ -264,15 +220,24 @@ if triton is not None:
         TRANSFORM: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
-        TANH: tl.constexpr,
+        FAST_TANH: tl.constexpr,
+        DOT_PREC: tl.constexpr,
     ):
-        """Raw products -> scores, -inf where not visible: [BLOCK_M, BLOCK_N].
+        """Scores of one key block, -inf where not visible: [BLOCK_M, BLOCK_N].
 
         Without a TRANSFORM the raw products q·k: callers scale them by ``qk_scale > 0`` (base-2
         units) fused with the max subtraction. With one, base-2 logits, and ``qk_scale = 1``."""
         offs_n = start_n + offs_n_base  # [BLOCK_N]
+        k_ptrs = K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        if MASKED:
+            k = tl.load(
+                k_ptrs, mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < d_head), other=0.0
+            )
+        else:
+            k = _load_rows(k_ptrs, offs_d, d_head)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
         if TRANSFORM:
-            s = _transform(s, offs_n, qpos, sm_scale, softcap, slope, SOFTCAP, ALIBI, TANH)
+            s = _transform(s, offs_n, qpos, sm_scale, softcap, slope, SOFTCAP, ALIBI, FAST_TANH)
         if MASKED:  # end <= k_len, so this also masks keys past the end
             vis = (offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < end[:, None])
             if HAS_PAD:
@@ -282,15 +247,20 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _fold(
-        s,
+    def _main_block(
+        q,
+        K_head,
         V_head,
         start_n,
         offs_n_base,
+        offs_d,
         offs_dv,
         k_len,
+        stride_kn,
+        stride_kd,
         stride_vn,
         stride_vd,
+        d_head: tl.constexpr,
         d_v: tl.constexpr,
         qpos,
         first,
@@ -310,27 +280,20 @@ if triton is not None:
         TRANSFORM: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
-        TANH: tl.constexpr,
-        LAZY_ARGMAX: tl.constexpr,
+        FAST_TANH: tl.constexpr,
         RETURN_OUTPUT: tl.constexpr,
         DOT_PREC: tl.constexpr,
     ):
-        """Fold one key block's raw products ``s`` into the running (m, l, u, arg, acc)."""
-        s = _logits(s, start_n, offs_n_base, k_len, qpos, first, end, pad_row, sm_scale, softcap,
-                    slope, MASKED, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, TANH)  # fmt: skip
+        """Fold one key block into the running (m, l, u, arg, acc) of the query block."""
+        s = _scores(
+            q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd, d_head, qpos,
+            first, end, pad_row, sm_scale, softcap, slope, MASKED, HAS_PAD, TRANSFORM, SOFTCAP,
+            ALIBI, FAST_TANH, DOT_PREC,
+        )  # fmt: skip
         # the max commutes with the positive scale; ties: smallest index
-        if LAZY_ARGMAX:
-            # the index search costs about as much as the max itself, and a row's max rarely
-            # grows once past its first blocks: search only when some row's does
-            m_blk = tl.max(s, axis=1) * qk_scale
-            grows = m_blk > m_i
-            if tl.max(grows.to(tl.int32), axis=0) > 0:
-                idx_blk = tl.argmax(s, axis=1, tie_break_left=True)
-                arg_i = tl.where(grows, start_n + idx_blk, arg_i)
-        else:
-            m_raw, idx_blk = tl.max(s, axis=1, return_indices=True)
-            m_blk = m_raw * qk_scale
-            arg_i = tl.where(m_blk > m_i, start_n + idx_blk, arg_i)
+        m_raw, idx_blk = tl.max(s, axis=1, return_indices=True)
+        m_blk = m_raw * qk_scale
+        arg_i = tl.where(m_blk > m_i, start_n + idx_blk, arg_i)
         m_new = tl.maximum(m_i, m_blk)
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.math.exp2(m_i - m_safe)
@@ -380,7 +343,7 @@ if triton is not None:
         TRANSFORM: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
-        TANH: tl.constexpr,
+        FAST_TANH: tl.constexpr,
         DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -389,10 +352,11 @@ if triton is not None:
         the key blocks that cover [lo, hi)."""
         c = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-            s = _qk(q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd, d_head,
-                    True, DOT_PREC)  # fmt: skip
-            s = _logits(s, start_n, offs_n_base, k_len, qpos, first, end, pad_row, sm_scale,
-                        softcap, slope, True, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, TANH)  # fmt: skip
+            s = _scores(
+                q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd, d_head,
+                qpos, first, end, pad_row, sm_scale, softcap, slope, True, HAS_PAD, TRANSFORM,
+                SOFTCAP, ALIBI, FAST_TANH, DOT_PREC,
+            )  # fmt: skip
             offs_n = start_n + offs_n_base
             keep = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
             p = tl.math.exp2(s * qk_scale - m_safe[:, None])
@@ -462,12 +426,10 @@ if triton is not None:
         TRANSFORM: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
+        FAST_TANH: tl.constexpr,
         RETURN_OUTPUT: tl.constexpr,
         DEFAULT_POS: tl.constexpr,
         DOT_PREC: tl.constexpr,
-        TANH: tl.constexpr,
-        LAZY_ARGMAX: tl.constexpr,
-        PIPELINED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -524,54 +486,25 @@ if triton is not None:
         arg_i = tl.full([BLOCK_M], -1, dtype=tl.int32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         for start_n in range(lo, un_lo, BLOCK_N):
-            s = _qk(q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd, d_head,
-                    True, DOT_PREC)  # fmt: skip
-            m_i, l_i, u_i, arg_i, acc = _fold(
-                s, V_head, start_n, offs_n_base, offs_dv, k_len, stride_vn, stride_vd, d_v, qpos,
-                first, end, pad_row, qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i, arg_i,
-                acc, True, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, TANH, LAZY_ARGMAX, RETURN_OUTPUT,
-                DOT_PREC,
+            m_i, l_i, u_i, arg_i, acc = _main_block(
+                q, K_head, V_head, start_n, offs_n_base, offs_d, offs_dv, k_len, stride_kn,
+                stride_kd, stride_vn, stride_vd, d_head, d_v, qpos, first, end, pad_row,
+                qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i, arg_i, acc, True, HAS_PAD,
+                TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, RETURN_OUTPUT, DOT_PREC,
             )  # fmt: skip
-        if PIPELINED:
-            # the next block's q·kᵀ is issued before this block is folded, so that the tensor
-            # cores work while the softmax statistics of the previous block are computed
-            if un_lo < un_hi:
-                s = _qk(q, K_head, un_lo, offs_n_base, offs_d, k_len, stride_kn, stride_kd,
-                        d_head, False, DOT_PREC)  # fmt: skip
-                for start_n in range(un_lo, un_hi - BLOCK_N, BLOCK_N):
-                    s_next = _qk(q, K_head, start_n + BLOCK_N, offs_n_base, offs_d, k_len,
-                                 stride_kn, stride_kd, d_head, False, DOT_PREC)  # fmt: skip
-                    m_i, l_i, u_i, arg_i, acc = _fold(
-                        s, V_head, start_n, offs_n_base, offs_dv, k_len, stride_vn, stride_vd,
-                        d_v, qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope, m_i,
-                        l_i, u_i, arg_i, acc, False, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, TANH,
-                        LAZY_ARGMAX, RETURN_OUTPUT, DOT_PREC,
-                    )  # fmt: skip
-                    s = s_next
-                m_i, l_i, u_i, arg_i, acc = _fold(
-                    s, V_head, un_hi - BLOCK_N, offs_n_base, offs_dv, k_len, stride_vn,
-                    stride_vd, d_v, qpos, first, end, pad_row, qk_scale, sm_scale, softcap,
-                    slope, m_i, l_i, u_i, arg_i, acc, False, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI,
-                    TANH, LAZY_ARGMAX, RETURN_OUTPUT, DOT_PREC,
-                )  # fmt: skip
-        else:
-            for start_n in range(un_lo, un_hi, BLOCK_N):
-                s = _qk(q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd,
-                        d_head, False, DOT_PREC)  # fmt: skip
-                m_i, l_i, u_i, arg_i, acc = _fold(
-                    s, V_head, start_n, offs_n_base, offs_dv, k_len, stride_vn, stride_vd, d_v,
-                    qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i,
-                    arg_i, acc, False, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, TANH, LAZY_ARGMAX,
-                    RETURN_OUTPUT, DOT_PREC,
-                )  # fmt: skip
+        for start_n in range(un_lo, un_hi, BLOCK_N):
+            m_i, l_i, u_i, arg_i, acc = _main_block(
+                q, K_head, V_head, start_n, offs_n_base, offs_d, offs_dv, k_len, stride_kn,
+                stride_kd, stride_vn, stride_vd, d_head, d_v, qpos, first, end, pad_row,
+                qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i, arg_i, acc, False, HAS_PAD,
+                TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, RETURN_OUTPUT, DOT_PREC,
+            )  # fmt: skip
         for start_n in range(un_hi, hi, BLOCK_N):
-            s = _qk(q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd, d_head,
-                    True, DOT_PREC)  # fmt: skip
-            m_i, l_i, u_i, arg_i, acc = _fold(
-                s, V_head, start_n, offs_n_base, offs_dv, k_len, stride_vn, stride_vd, d_v, qpos,
-                first, end, pad_row, qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i, arg_i,
-                acc, True, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, TANH, LAZY_ARGMAX, RETURN_OUTPUT,
-                DOT_PREC,
+            m_i, l_i, u_i, arg_i, acc = _main_block(
+                q, K_head, V_head, start_n, offs_n_base, offs_d, offs_dv, k_len, stride_kn,
+                stride_kd, stride_vn, stride_vd, d_head, d_v, qpos, first, end, pad_row,
+                qk_scale, sm_scale, softcap, slope, m_i, l_i, u_i, arg_i, acc, True, HAS_PAD,
+                TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, RETURN_OUTPUT, DOT_PREC,
             )  # fmt: skip
 
         has_key = l_i > 0
@@ -623,7 +556,7 @@ if triton is not None:
         c_sink = _range_sum(
             q, K_head, lo, tl.minimum(sink_size, hi), offs_n_base, offs_d, k_len, stride_kn,
             stride_kd, d_head, qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope,
-            m_safe, zero, zero + sink_size, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, TANH,
+            m_safe, zero, zero + sink_size, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH,
             DOT_PREC, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         tl.store(SINK + row, tl.where(valid, c_sink / l_safe, 0.0), mask=row_ok)
@@ -636,7 +569,7 @@ if triton is not None:
                 c_recent = _range_sum(
                     q, K_head, lo_recent, hi, offs_n_base, offs_d, k_len, stride_kn, stride_kd,
                     d_head, qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope,
-                    m_safe, row_lo, zero + k_len, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, TANH,
+                    m_safe, row_lo, zero + k_len, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH,
                     DOT_PREC, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
                 outside = tl.maximum(keys - c_sink - c_recent, 0.0)
@@ -647,7 +580,7 @@ if triton is not None:
                     q, K_head, tl.maximum(sink_size, lo), hi_out, offs_n_base, offs_d, k_len,
                     stride_kn, stride_kd, d_head, qpos, first, end, pad_row, qk_scale,
                     sm_scale, softcap, slope, m_safe, zero + sink_size, row_hi, HAS_PAD,
-                    TRANSFORM, SOFTCAP, ALIBI, TANH, DOT_PREC, BLOCK_M, BLOCK_N,
+                    TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, DOT_PREC, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
             tl.store(OUTSIDE + row, tl.where(valid, outside / l_safe, 0.0), mask=row_ok)
         span_base = SPANS + b.to(tl.int64) * stride_span_b
@@ -658,7 +591,7 @@ if triton is not None:
                 q, K_head, tl.maximum(start, lo), tl.minimum(stop, hi), offs_n_base, offs_d,
                 k_len, stride_kn, stride_kd, d_head, qpos, first, end, pad_row, qk_scale,
                 sm_scale, softcap, slope, m_safe, zero + start, zero + stop, HAS_PAD, TRANSFORM,
-                SOFTCAP, ALIBI, TANH, DOT_PREC, BLOCK_M, BLOCK_N,
+                SOFTCAP, ALIBI, FAST_TANH, DOT_PREC, BLOCK_M, BLOCK_N,
             )  # fmt: skip
             tl.store(
                 SPAN_MASS + row * n_spans + n, tl.where(valid, c_span / l_safe, 0.0), mask=row_ok
@@ -679,7 +612,7 @@ def _triton_stats(
     sink_size: int,
     recent_window: int | None,
     return_output: bool,
-    config: KernelConfig | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> AttentionStats:
     """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`.
 
@@ -718,9 +651,7 @@ def _triton_stats(
         pad = pad.view(torch.int8) if pad.stride(1) == 1 else pad.contiguous().view(torch.int8)
     vv = v if v is not None else k  # unread dummy when no output is requested
     oo = out if out is not None else q  # unwritten dummy
-    cfg = config or block_sizes(d_head, q.is_cuda, return_output)
-    block_m, block_n = cfg.block_m, cfg.block_n
-    tanh = tanh_mode(q.dtype, q.is_cuda) if cfg.tanh is None else cfg.tanh
+    block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda, return_output)
     bounds = key_blocks(
         a.q_positions, q_len, k_len, causal=causal, window=a.window, chunk=a.chunk,
         chunk_start=a.chunk_start, full_blocks=pad is None, block_m=block_m, block_n=block_n,
@@ -754,10 +685,10 @@ def _triton_stats(
         HAS_WINDOW=a.window is not None, HAS_CHUNK=a.chunk is not None, HAS_SINKS=has_sinks,
         HAS_OUTSIDE=has_outside, TRANSFORM=transform, SOFTCAP=a.softcap is not None,
         ALIBI=a.alibi_slopes is not None, RETURN_OUTPUT=return_output,
-        DEFAULT_POS=a.q_positions is None, DOT_PREC=dot_precision(q.dtype), TANH=tanh,
-        LAZY_ARGMAX=cfg.lazy_argmax, PIPELINED=cfg.pipelined,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_next_pow2(d_head), BLOCK_DV=_next_pow2(d_v),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DEFAULT_POS=a.q_positions is None, DOT_PREC=dot_precision(q.dtype),
+        FAST_TANH=fast_tanh(q.dtype, q.is_cuda), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=_next_pow2(d_head), BLOCK_DV=_next_pow2(d_v),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return result
 

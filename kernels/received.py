@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from kernels import reference
-from kernels.attention_stats import _next_pow2, _use_triton, dot_precision, tanh_mode
+from kernels.attention_stats import _next_pow2, _use_triton, dot_precision, fast_tanh
 from kernels.blocks import query_blocks
 from kernels.reference import check_args, check_lse_and_query_mask, check_qk
 
@@ -95,7 +95,7 @@ if triton is not None:
         TRANSFORM: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
-        TANH: tl.constexpr,
+        FAST_TANH: tl.constexpr,
         DOT_PREC: tl.constexpr,
     ):
         """Add the probabilities of one query block to the [BLOCK_M, BLOCK_N] column tile."""
@@ -123,7 +123,7 @@ if triton is not None:
             qpos = offs_m  # unread
         s = tl.dot(q, kT, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
         if TRANSFORM:  # base-2 logits, qk_scale = 1
-            s = _transform(s, offs_n, qpos, sm_scale, softcap, slope, SOFTCAP, ALIBI, TANH)
+            s = _transform(s, offs_n, qpos, sm_scale, softcap, slope, SOFTCAP, ALIBI, FAST_TANH)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             first, end = _row_range(qpos, k_len, window, chunk, chunk_off, CAUSAL, HAS_WINDOW,
@@ -174,7 +174,7 @@ if triton is not None:
         TRANSFORM: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
-        TANH: tl.constexpr,
+        FAST_TANH: tl.constexpr,
         DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -217,21 +217,21 @@ if triton is not None:
                 acc, Q_head, LSE_row, QMASK_row, QPOS, start_m, offs_m_base, offs_d, offs_n, kT,
                 q_len, k_len, stride_qm, stride_qd, qk_scale, sm_scale, softcap, slope, window,
                 chunk, chunk_off, d_head, True, CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_QMASK,
-                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, TANH, DOT_PREC,
+                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, DOT_PREC,
             )  # fmt: skip
         for start_m in range(un_lo, un_hi, BLOCK_M):
             acc = _received_block(
                 acc, Q_head, LSE_row, QMASK_row, QPOS, start_m, offs_m_base, offs_d, offs_n, kT,
                 q_len, k_len, stride_qm, stride_qd, qk_scale, sm_scale, softcap, slope, window,
                 chunk, chunk_off, d_head, False, CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_QMASK,
-                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, TANH, DOT_PREC,
+                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, DOT_PREC,
             )  # fmt: skip
         for start_m in range(un_hi, hi, BLOCK_M):
             acc = _received_block(
                 acc, Q_head, LSE_row, QMASK_row, QPOS, start_m, offs_m_base, offs_d, offs_n, kT,
                 q_len, k_len, stride_qm, stride_qd, qk_scale, sm_scale, softcap, slope, window,
                 chunk, chunk_off, d_head, True, CAUSAL, HAS_WINDOW, HAS_CHUNK, HAS_QMASK,
-                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, TANH, DOT_PREC,
+                DEFAULT_POS, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, DOT_PREC,
             )  # fmt: skip
         out = tl.sum(acc, axis=0)  # [BLOCK_N]
         if HAS_PAD:  # padding keys receive 0
@@ -345,7 +345,7 @@ def _triton_received(
         HAS_CHUNK=a.chunk is not None, HAS_QMASK=qmask is not None, HAS_PAD=pad is not None,
         DEFAULT_POS=a.q_positions is None, TRANSFORM=transform, SOFTCAP=a.softcap is not None,
         ALIBI=a.alibi_slopes is not None, DOT_PREC=dot_precision(q.dtype),
-        TANH=tanh_mode(q.dtype, q.is_cuda), BLOCK_M=block_m, BLOCK_N=block_n,
+        FAST_TANH=fast_tanh(q.dtype, q.is_cuda), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=_next_pow2(d_head),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

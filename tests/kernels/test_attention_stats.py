@@ -1,9 +1,13 @@
 """The Triton stats kernel (CPU interpreter) against the torch reference."""
 
+import importlib
+
 import pytest
 import torch
 
 from kernels import AttentionStats, attention_stats
+
+attention_stats_module = importlib.import_module("kernels.attention_stats")
 
 pytestmark = pytest.mark.usefixtures("interpreter")
 
@@ -216,3 +220,12 @@ def test_kv_cache_layout_output_and_repeated_spans():
         got, want = both(q, k, v, **kw)
         assert_stats_close(got, want, q, k)
     assert got.output.transpose(1, 2).is_contiguous()
+
+
+def test_fast_tanh_only_for_16_bit_inputs_on_a_gpu():
+    # the hardware tanh's 2^-11 relative error is fine for bf16/fp16 scores, not for fp32 ones,
+    # and the interpreter cannot run its inline PTX
+    assert attention_stats_module.fast_tanh(torch.bfloat16, on_gpu=True)
+    assert attention_stats_module.fast_tanh(torch.float16, on_gpu=True)
+    assert not attention_stats_module.fast_tanh(torch.float32, on_gpu=True)
+    assert not attention_stats_module.fast_tanh(torch.bfloat16, on_gpu=False)
