@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -370,7 +371,7 @@ def evaluate_map(
     *,
     sink_size: int = 4,
     recent_size: int = 256,
-    random_seed: int = 0,
+    random_seed: int | Sequence[int] = 0,
     max_new_tokens: int = 40,
     prefill: str = "streamed",
     progress: Any = None,
@@ -379,8 +380,9 @@ def evaluate_map(
 
     Args:
         maps: ``{name: [n_layers, n_kv_heads] bool}`` head maps to test (e.g. ``"retrieval
-            top 0.25"``); each also gets a random map with as many full KV heads (seeded with
-            ``random_seed``), and ``"full"`` / ``"streaming only"`` are added.
+            top 0.25"``); each also gets a random map with as many full KV heads per seed of
+            ``random_seed`` (one seed or several: one random map each), and ``"full"`` /
+            ``"streaming only"`` are added.
         trials: needle trials (:mod:`workbench.tasks.needle`), any mix of lengths.
         prefill: ``"streamed"`` (the policy from the first token on, DuoAttention's) or
             ``"exact"`` (an exact prefill of the context, then the question and the answer see
@@ -394,6 +396,9 @@ def evaluate_map(
         length's trials), ``accuracy``, ``mean_recall``, ``trials``.
     """
     check_prefill(prefill)
+    seeds = [random_seed] if isinstance(random_seed, int | np.integer) else list(random_seed)
+    if not seeds:
+        raise CaptureError("random_seed takes a seed or a non-empty list of seeds, got none")
     contexts = [trial.question_start if prefill == "exact" else None for trial in trials]
     if prefill == "exact" and None in contexts:
         raise CaptureError(
@@ -407,10 +412,11 @@ def evaluate_map(
         if kv_full.shape != shape:
             raise ShapeError(f"map {name!r} is {kv_full.shape}, the model's KV heads {shape}")
         policies.append((name, "map", kv_full))
-        policies.append(
-            (f"random ({int(kv_full.sum())} KV heads, seed {random_seed})", "random",
-             random_map(shape, int(kv_full.sum()), random_seed))
-        )  # fmt: skip
+        policies += [
+            (f"random ({int(kv_full.sum())} KV heads, seed {seed})", "random",
+             random_map(shape, int(kv_full.sum()), seed))
+            for seed in seeds
+        ]  # fmt: skip
     policies.append(("streaming only", "baseline", np.zeros(shape, bool)))
 
     rows, done, total = [], 0, len(policies) * len(trials)

@@ -349,6 +349,25 @@ def test_evaluate_map_rows(tiny_model, prefill):
     assert frame["accuracy"].between(0, 1).all()
 
 
+def test_evaluate_map_draws_one_random_map_per_seed(tiny_model):
+    trial = needle_trial(tiny_model)
+    options = dict(sink_size=1, recent_size=4, max_new_tokens=2)
+    frame = evaluate_map(tiny_model, {"map": KV_FULL}, [trial], random_seed=[3, 5], **options)
+    randoms = frame[frame["kind"] == "random"].set_index("policy")
+    assert list(randoms.index) == ["random (2 KV heads, seed 3)", "random (2 KV heads, seed 5)"]
+    # each random row is that seed's random_map, run as a map of its own
+    for seed in (3, 5):
+        alone = evaluate_map(
+            tiny_model, {"drawn": random_map(KV_FULL.shape, 2, seed)}, [trial], **options
+        )
+        want = alone[alone["policy"] == "drawn"].iloc[0]
+        got = randoms.loc[f"random (2 KV heads, seed {seed})"]
+        for column in ("full_kv_heads", "kv_kept", "accuracy", "mean_recall"):
+            assert got[column] == want[column], column
+    with pytest.raises(CaptureError, match="non-empty list of seeds"):
+        evaluate_map(tiny_model, {"map": KV_FULL}, [trial], random_seed=[])
+
+
 def test_exact_prefill_needs_the_question_start(tiny_model):
     trial = needle_trial(tiny_model, question_start=None)
     with pytest.raises(CaptureError, match="trial 0 does not mark where its question starts"):
