@@ -41,6 +41,12 @@ summed directly for bidirectional attention.
 
 Grouped-query attention reads kv head ``h // group`` with plain pointer offsets (no repeated K).
 Query blocks are launched heaviest first, which shortens the tail of causal grids.
+
+Split keys (decoding): one query per head is a grid of B·H programs, each walking the whole
+cache on one multiprocessor. When the grid is small (`key_splits`), a third grid axis gives each
+program one share of the keys; it writes its partial ``(m, l, u, arg)``, unnormalised masses and
+output to [n_splits, ...] buffers, and `_combine_splits` merges them with the weights
+``2^{m_s - m}`` (FlashDecoding's scheme), then adds the learned sink and normalises.
 """
 
 from __future__ import annotations
@@ -364,6 +370,36 @@ if triton is not None:
         return c
 
     @triton.jit
+    def _fold_learned_sink(m_i, l_i, u_i, z2):
+        """Fold the learned sink logit ``z2`` (base 2) into (m, l, u) like one more key without
+        a value. Returns (m, l, u, alpha, e_z): the keys' terms are rescaled by ``alpha`` and the
+        sink's own term is ``e_z``."""
+        has_key = l_i > 0
+        m_f = tl.maximum(m_i, z2)
+        alpha = tl.math.exp2(m_i - m_f)  # 0 for rows without keys
+        shift = tl.where(has_key, m_i - m_f, 0.0)
+        e_z = tl.math.exp2(z2 - m_f)
+        u_i = alpha * (u_i + shift * l_i) + e_z * (z2 - m_f)
+        return m_f, alpha * l_i + e_z, u_i, alpha, e_z
+
+    @triton.jit
+    def _store_row_stats(LSE, ENT, MAXP, ARG, row, row_ok, m_i, l_i, u_i, arg_i, key_max, has_key):
+        """lse, entropy, max_prob and argmax of rows with running (m, l, u); returns the rows
+        that saw anything and their l (1 where they did not)."""
+        valid = l_i > 0
+        l_safe = tl.where(valid, l_i, 1.0)
+        ln2 = 0.6931471805599453
+        tl.store(
+            LSE + row,
+            tl.where(valid, (m_i + tl.math.log2(l_safe)) * ln2, -float("inf")),
+            mask=row_ok,
+        )
+        tl.store(ENT + row, tl.where(valid, tl.log(l_safe) - ln2 * u_i / l_safe, 0.0), mask=row_ok)
+        tl.store(MAXP + row, tl.where(has_key, key_max / l_safe, 0.0), mask=row_ok)
+        tl.store(ARG + row, tl.where(has_key, arg_i, -1).to(tl.int64), mask=row_ok)
+        return valid, l_safe
+
+    @triton.jit
     def _stats_fwd(
         Q,
         K,
@@ -400,6 +436,7 @@ if triton is not None:
         stride_oh,
         stride_om,
         stride_od,
+        stride_os,
         stride_pad_b,
         stride_bounds_b,
         stride_span_b,
@@ -415,6 +452,7 @@ if triton is not None:
         qk_scale,
         sm_scale,
         softcap,
+        split_len,
         d_head: tl.constexpr,
         d_v: tl.constexpr,
         CAUSAL: tl.constexpr,
@@ -430,6 +468,7 @@ if triton is not None:
         RETURN_OUTPUT: tl.constexpr,
         DEFAULT_POS: tl.constexpr,
         DOT_PREC: tl.constexpr,
+        SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -479,6 +518,12 @@ if triton is not None:
         un_lo = tl.load(bounds + 1)
         un_hi = tl.load(bounds + 2)
         hi = tl.load(bounds + 3)
+        if SPLIT:  # this program's share of the keys: [split_start, split_start + split_len)
+            split_start = tl.program_id(2) * split_len
+            lo = tl.minimum(tl.maximum(lo, split_start), split_start + split_len)
+            un_lo = tl.minimum(tl.maximum(un_lo, split_start), split_start + split_len)
+            un_hi = tl.minimum(tl.maximum(un_hi, split_start), split_start + split_len)
+            hi = tl.minimum(tl.maximum(hi, split_start), split_start + split_len)
 
         m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -511,35 +556,33 @@ if triton is not None:
         keys = l_i  # Σ over keys of 2^{s2 - m}
         key_max = tl.where(has_key, 1.0, 0.0)  # 2^{m_keys - m}: the largest key's share of l
         row = (b * n_heads + h).to(tl.int64) * q_len + offs_m  # [BLOCK_M] into [B, H, q_len]
-        if HAS_SINKS:  # the learned sink: one more logit, no value
-            z2 = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
-            m_f = tl.maximum(m_i, z2)
-            alpha = tl.math.exp2(m_i - m_f)  # 0 for rows without keys
-            shift = tl.where(has_key, m_i - m_f, 0.0)
-            e_z = tl.math.exp2(z2 - m_f)
-            u_i = alpha * (u_i + shift * l_i) + e_z * (z2 - m_f)
-            keys = alpha * l_i
-            l_i = keys + e_z
-            key_max = alpha
-            acc = acc * alpha[:, None]
-            m_i = m_f
-            tl.store(LEARNED + row, e_z / l_i, mask=row_ok)
-        valid = l_i > 0
-        l_safe = tl.where(valid, l_i, 1.0)
+        if SPLIT:
+            # partial sums over this share of the keys, relative to its own max, in the
+            # [n_splits, B, H, q_len] partial buffers (`_combine_splits` merges them): m in LSE,
+            # u in ENT, l in MAXP; the mass sums below unnormalised; the output unnormalised
+            row += tl.program_id(2).to(tl.int64) * tl.num_programs(1) * q_len
+            tl.store(LSE + row, m_i, mask=row_ok)
+            tl.store(ENT + row, u_i, mask=row_ok)
+            tl.store(MAXP + row, l_i, mask=row_ok)
+            tl.store(ARG + row, arg_i.to(tl.int64), mask=row_ok)
+            valid = has_key
+            denom = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        else:
+            if HAS_SINKS:  # the learned sink: one more logit, no value
+                z2 = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+                m_i, l_i, u_i, key_max, e_z = _fold_learned_sink(m_i, l_i, u_i, z2)
+                keys = key_max * keys
+                acc = acc * key_max[:, None]
+                tl.store(LEARNED + row, e_z / l_i, mask=row_ok)
+            valid, denom = _store_row_stats(
+                LSE, ENT, MAXP, ARG, row, row_ok, m_i, l_i, u_i, arg_i, key_max, has_key
+            )
         m_safe = tl.where(valid, m_i, 0.0)
-        ln2 = 0.6931471805599453
-        tl.store(
-            LSE + row,
-            tl.where(valid, (m_i + tl.math.log2(l_safe)) * ln2, -float("inf")),
-            mask=row_ok,
-        )
-        tl.store(ENT + row, tl.where(valid, tl.log(l_safe) - ln2 * u_i / l_safe, 0.0), mask=row_ok)
-        tl.store(MAXP + row, tl.where(has_key, key_max / l_safe, 0.0), mask=row_ok)
-        tl.store(ARG + row, tl.where(has_key, arg_i, -1).to(tl.int64), mask=row_ok)
         if RETURN_OUTPUT:
-            out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
+            out = tl.where(valid[:, None], acc / denom[:, None], 0.0)
             o_ptrs = (
                 OUT
+                + tl.program_id(2).to(tl.int64) * stride_os
                 + b.to(tl.int64) * stride_ob
                 + h.to(tl.int64) * stride_oh
                 + offs_m[:, None] * stride_om
@@ -551,7 +594,8 @@ if triton is not None:
                 mask=row_ok[:, None] & (offs_dv[None, :] < d_v),
             )
 
-        # Second, short walk with the final max, inside [lo, hi): sinks, spans, recent window.
+        # Second, short walk with the final max (the share's own max when split), inside
+        # [lo, hi): sinks, spans, recent window.
         zero = tl.zeros([BLOCK_M], dtype=tl.int32)
         c_sink = _range_sum(
             q, K_head, lo, tl.minimum(sink_size, hi), offs_n_base, offs_d, k_len, stride_kn,
@@ -559,7 +603,7 @@ if triton is not None:
             m_safe, zero, zero + sink_size, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH,
             DOT_PREC, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        tl.store(SINK + row, tl.where(valid, c_sink / l_safe, 0.0), mask=row_ok)
+        tl.store(SINK + row, tl.where(valid, c_sink / denom, 0.0), mask=row_ok)
         if HAS_OUTSIDE:
             if CAUSAL:
                 # recent = visible keys j >= S with j > pos - W; outside = keys - sink - recent
@@ -572,7 +616,9 @@ if triton is not None:
                     m_safe, row_lo, zero + k_len, HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH,
                     DOT_PREC, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
-                outside = tl.maximum(keys - c_sink - c_recent, 0.0)
+                outside = keys - c_sink - c_recent
+                if not SPLIT:  # partial sums are clamped once merged
+                    outside = tl.maximum(outside, 0.0)
             else:
                 row_hi = qpos - recent_window + 1
                 hi_out = tl.minimum(tl.max(qpos, axis=0) - recent_window + 1, hi)
@@ -582,7 +628,7 @@ if triton is not None:
                     sm_scale, softcap, slope, m_safe, zero + sink_size, row_hi, HAS_PAD,
                     TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, DOT_PREC, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
-            tl.store(OUTSIDE + row, tl.where(valid, outside / l_safe, 0.0), mask=row_ok)
+            tl.store(OUTSIDE + row, tl.where(valid, outside / denom, 0.0), mask=row_ok)
         span_base = SPANS + b.to(tl.int64) * stride_span_b
         for n in range(0, n_spans):
             start = tl.load(span_base + 2 * n).to(tl.int32)
@@ -594,12 +640,144 @@ if triton is not None:
                 SOFTCAP, ALIBI, FAST_TANH, DOT_PREC, BLOCK_M, BLOCK_N,
             )  # fmt: skip
             tl.store(
-                SPAN_MASS + row * n_spans + n, tl.where(valid, c_span / l_safe, 0.0), mask=row_ok
+                SPAN_MASS + row * n_spans + n, tl.where(valid, c_span / denom, 0.0), mask=row_ok
             )
+
+    @triton.jit
+    def _combine_splits(
+        PM,
+        PU,
+        PL,
+        PARG,
+        PSINK,
+        POUTSIDE,
+        PSPAN,
+        PACC,
+        SINKS,
+        LSE,
+        ENT,
+        MAXP,
+        ARG,
+        SINK,
+        OUTSIDE,
+        LEARNED,
+        SPAN_MASS,
+        OUT,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_od,
+        n_rows,
+        n_heads,
+        q_len,
+        n_splits,
+        n_spans,
+        d_v: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
+        HAS_OUTSIDE: tl.constexpr,
+        RETURN_OUTPUT: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
+        """Merge the partial sums of the key shares of `_stats_fwd` (SPLIT) into the statistics.
+
+        Each share s holds, for row r, its max ``m_s`` and sums relative to it; with the overall
+        max ``m`` and weights ``w_s = 2^{m_s - m}``: ``l = Σ w_s l_s``, ``u = Σ w_s (u_s + (m_s -
+        m) l_s)``, every mass and the output ``Σ w_s x_s``; the argmax is that of the first share
+        (smallest keys) whose max is ``m``. Then the learned sink and the normalisation, as in
+        `_stats_fwd`.
+        """
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] into [B, H, q_len]
+        ok = rows < n_rows
+        offs_dv = tl.arange(0, BLOCK_DV)
+        m = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
+        for sp in range(0, n_splits):
+            m = tl.maximum(m, tl.load(PM + sp * n_rows + rows, mask=ok, other=-float("inf")))
+        m_safe = tl.where(m == -float("inf"), 0.0, m)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        u_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        c_sink = tl.zeros([BLOCK_R], dtype=tl.float32)
+        outside = tl.zeros([BLOCK_R], dtype=tl.float32)
+        arg_i = tl.full([BLOCK_R], -1, dtype=tl.int64)
+        acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+        for sp in range(0, n_splits):
+            at = sp * n_rows + rows
+            m_s = tl.load(PM + at, mask=ok, other=-float("inf"))
+            l_s = tl.load(PL + at, mask=ok, other=0.0)
+            w = tl.math.exp2(m_s - m_safe)  # 0 for shares without keys
+            has = l_s > 0
+            l_i += w * l_s
+            u_i += tl.where(has, w * (tl.load(PU + at, mask=ok, other=0.0) + (m_s - m_safe) * l_s),
+                            0.0)  # fmt: skip
+            first = has & (m_s == m) & (arg_i < 0)
+            arg_i = tl.where(first, tl.load(PARG + at, mask=ok, other=-1), arg_i)
+            c_sink += w * tl.load(PSINK + at, mask=ok, other=0.0)
+            if HAS_OUTSIDE:
+                outside += w * tl.load(POUTSIDE + at, mask=ok, other=0.0)
+            if RETURN_OUTPUT:
+                part = tl.load(PACC + at[:, None] * d_v + offs_dv[None, :],
+                               mask=ok[:, None] & (offs_dv[None, :] < d_v), other=0.0)  # fmt: skip
+                acc += w[:, None] * part
+        has_key = l_i > 0
+        key_max = tl.where(has_key, 1.0, 0.0)
+        m_i = m
+        if HAS_SINKS:
+            h = (rows // q_len) % n_heads
+            z2 = tl.load(SINKS + h, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            m_i, l_i, u_i, key_max, e_z = _fold_learned_sink(m_i, l_i, u_i, z2)
+            c_sink *= key_max
+            outside *= key_max
+            acc = acc * key_max[:, None]
+            tl.store(LEARNED + rows, e_z / l_i, mask=ok)
+        valid, l_safe = _store_row_stats(
+            LSE, ENT, MAXP, ARG, rows, ok, m_i, l_i, u_i, arg_i, key_max, has_key
+        )
+        tl.store(SINK + rows, tl.where(valid, c_sink / l_safe, 0.0), mask=ok)
+        if HAS_OUTSIDE:
+            tl.store(OUTSIDE + rows, tl.where(valid, tl.maximum(outside, 0.0) / l_safe, 0.0),
+                     mask=ok)  # fmt: skip
+        for n in range(0, n_spans):
+            c_span = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for sp in range(0, n_splits):
+                at = sp * n_rows + rows
+                w = tl.math.exp2(tl.load(PM + at, mask=ok, other=-float("inf")) - m_safe)
+                c_span += w * tl.load(PSPAN + at * n_spans + n, mask=ok, other=0.0)
+            c_span = c_span * key_max if HAS_SINKS else c_span
+            tl.store(SPAN_MASS + rows * n_spans + n, tl.where(valid, c_span / l_safe, 0.0),
+                     mask=ok)  # fmt: skip
+        if RETURN_OUTPUT:
+            bh = rows // q_len
+            o_ptrs = (
+                OUT
+                + ((bh // n_heads).to(tl.int64) * stride_ob)[:, None]
+                + ((bh % n_heads).to(tl.int64) * stride_oh)[:, None]
+                + ((rows % q_len).to(tl.int64) * stride_om)[:, None]
+                + offs_dv[None, :] * stride_od
+            )
+            out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty),
+                     mask=ok[:, None] & (offs_dv[None, :] < d_v))  # fmt: skip
 
 
 def _next_pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def key_splits(programs: int, k_len: int, block_n: int, multiprocessors: int) -> int:
+    """How many shares of the keys each query block's work is split into.
+
+    A grid of fewer programs than twice the multiprocessors (a decoding step: one query per
+    head) leaves most of the GPU idle while each program walks every key; splitting the keys, as
+    FlashDecoding does, gives about four programs per multiprocessor, each over at least four
+    key blocks, and one merge launch (`_combine_splits`).
+    """
+    if programs >= 2 * multiprocessors:
+        return 1
+    return max(1, min(-(-4 * multiprocessors // programs), k_len // (4 * block_n)))
 
 
 def _triton_stats(
@@ -613,12 +791,14 @@ def _triton_stats(
     recent_window: int | None,
     return_output: bool,
     config: tuple[int, int, int, int] | None = None,
+    splits: int | None = None,
 ) -> AttentionStats:
-    """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`.
+    """Launch the kernel on validated arguments; ``config`` overrides `block_sizes`, ``splits``
+    `key_splits` (default: by the grid's size on a GPU, 1 in the interpreter).
 
-    The host side is a handful of allocations and one launch, no other kernels and no sync
-    (the key-block bounds of the default positions are cached): at 4K tokens the whole pass
-    takes a few hundred microseconds, so every extra torch op shows.
+    The host side is a handful of allocations and one launch (two when the keys are split), no
+    other kernels and no sync (the key-block bounds of the default positions are cached): at
+    4K tokens the whole pass takes a few hundred microseconds, so every extra torch op shows.
     """
     batch, n_heads, q_len, d_head = q.shape
     n_kv, k_len = k.shape[1], k.shape[2]
@@ -650,7 +830,8 @@ def _triton_stats(
     if pad is not None:
         pad = pad.view(torch.int8) if pad.stride(1) == 1 else pad.contiguous().view(torch.int8)
     vv = v if v is not None else k  # unread dummy when no output is requested
-    oo = out if out is not None else q  # unwritten dummy
+    if config is None and q.is_cuda and q_len <= 16:  # decoding: no 128-row blocks of padding
+        config = (16, 64, 4, 3)
     block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda, return_output)
     bounds = key_blocks(
         a.q_positions, q_len, k_len, causal=causal, window=a.window, chunk=a.chunk,
@@ -658,8 +839,27 @@ def _triton_stats(
         device=dev,
     )  # fmt: skip
     transform = a.softcap is not None or a.alibi_slopes is not None
-    grid = (triton.cdiv(q_len, block_m), batch * n_heads)
-    _stats_fwd[grid](
+    n_q_blocks = triton.cdiv(q_len, block_m)
+    if splits is None:
+        programs = n_q_blocks * batch * n_heads
+        splits = key_splits(programs, k_len, block_n, _multiprocessors(dev)) if q.is_cuda else 1
+    split_len = triton.cdiv(triton.cdiv(k_len, splits), block_n) * block_n
+    splits = triton.cdiv(k_len, split_len) if k_len else 1
+    # with split keys the kernel writes each share's partial sums here, merged afterwards
+    if splits > 1:
+        rows = (splits, batch, n_heads, q_len)
+        part = torch.empty(4 + has_outside, *rows, dtype=torch.float32, device=dev).unbind(0)
+        p_arg = torch.empty(rows, dtype=torch.int64, device=dev)
+        p_span = torch.empty(*rows, n_spans, dtype=torch.float32, device=dev) if n_spans else None
+        p_acc = torch.empty(*rows, d_v, dtype=torch.float32, device=dev) if return_output else None
+        targets = (part[0], part[1], part[2], p_arg, part[3],
+                   part[4] if has_outside else None, p_span, p_acc)  # fmt: skip
+    else:
+        targets = (lse, ent, maxp, arg, sink, outside, span_mass, out)
+    t_lse, t_ent, t_maxp, t_arg, t_sink, t_outside, t_span, t_out = targets
+    oo = t_out if t_out is not None else q  # unwritten dummy
+    o_strides = (*oo.stride()[-4:], oo.stride(0) if splits > 1 else 0)
+    _stats_fwd[(n_q_blocks, batch * n_heads, splits)](
         q, k, vv,
         lse if a.q_positions is None else a.q_positions,  # unread with default positions
         pad if pad is not None else lse,  # unread dummies from here
@@ -668,28 +868,47 @@ def _triton_stats(
         a.sinks if has_sinks else lse,
         a.alibi_slopes if a.alibi_slopes is not None else lse,
         a.spans if n_spans else lse,
-        lse, ent, maxp, arg, sink,
-        outside if has_outside else lse,
+        t_lse, t_ent, t_maxp, t_arg, t_sink,
+        t_outside if has_outside else lse,
         learned if has_sinks else lse,
-        span_mass if span_mass is not None else lse,
+        t_span if n_spans else lse,
         oo,
-        *q.stride(), *k.stride(), *vv.stride(), *oo.stride(),
+        *q.stride(), *k.stride(), *vv.stride(), *o_strides,
         pad.stride(0) if pad is not None else 0,
         bounds.stride(0) if bounds.shape[0] > 1 else 0,
         a.spans.stride(0) if n_spans and a.spans.shape[0] > 1 else 0,
         n_heads, n_heads // n_kv, q_len, k_len, n_spans, sink_size,
         recent_window or 1, a.window or 1, a.chunk or 1,
         1.0 if transform else a.scale * _LOG2E,  # transformed scores come out in base 2
-        a.scale, a.softcap or 1.0,
+        a.scale, a.softcap or 1.0, split_len,
         d_head=d_head, d_v=d_v, CAUSAL=causal, HAS_PAD=pad is not None,
         HAS_WINDOW=a.window is not None, HAS_CHUNK=a.chunk is not None, HAS_SINKS=has_sinks,
         HAS_OUTSIDE=has_outside, TRANSFORM=transform, SOFTCAP=a.softcap is not None,
-        ALIBI=a.alibi_slopes is not None, RETURN_OUTPUT=return_output,
-        DEFAULT_POS=a.q_positions is None, DOT_PREC=dot_precision(q.dtype),
-        FAST_TANH=fast_tanh(q.dtype, q.is_cuda), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=_next_pow2(d_head), BLOCK_DV=_next_pow2(d_v),
+        ALIBI=a.alibi_slopes is not None, FAST_TANH=fast_tanh(q.dtype, q.is_cuda),
+        RETURN_OUTPUT=return_output, DEFAULT_POS=a.q_positions is None,
+        DOT_PREC=dot_precision(q.dtype), SPLIT=splits > 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_next_pow2(d_head), BLOCK_DV=_next_pow2(d_v),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    if splits > 1:
+        n_rows = batch * n_heads * q_len
+        oo = out if out is not None else q
+        block_r = 32
+        _combine_splits[(triton.cdiv(n_rows, block_r),)](
+            t_lse, t_ent, t_maxp, t_arg, t_sink,
+            t_outside if has_outside else lse,
+            t_span if n_spans else lse,
+            t_out if return_output else lse,
+            a.sinks if has_sinks else lse,
+            lse, ent, maxp, arg, sink,
+            outside if has_outside else lse,
+            learned if has_sinks else lse,
+            span_mass if n_spans else lse,
+            oo, *oo.stride(),
+            n_rows, n_heads, q_len, splits, n_spans,
+            d_v=d_v, HAS_SINKS=has_sinks, HAS_OUTSIDE=has_outside, RETURN_OUTPUT=return_output,
+            BLOCK_R=block_r, BLOCK_DV=_next_pow2(d_v),
+        )  # fmt: skip
     return result
 
 

@@ -686,7 +686,7 @@ def write_docs(result: dict, path: Path) -> None:
         met = "not measured" if t["met"] is None else "yes" if t["met"] else "NO"
         body.append(f"| {t['target']} | {t['worst']:.2f} | {t['where']} | {met} |")
     body += ["", "Times in ms (median), ratio to SDPA flash in brackets; * = see note in JSON.", ""]
-    for n_kv, d in SHAPES:
+    for n_kv, d in sorted({(r["n_kv_heads"], r["d_head"]) for r in rows}, key=SHAPES.index):
         body += [_table(rows, n_kv, d), ""]
     _replace_block(path, MARK_START, MARK_END, body)
 
@@ -725,6 +725,8 @@ def _replace_block(path: Path, start: str, end: str, body: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
+    parser.add_argument("--kv-heads", type=int, nargs="*", choices=sorted({n for n, _ in SHAPES}),
+                        help="only the shapes with these KV-head counts")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--check", action="store_true", help="correctness checks only")
@@ -783,6 +785,9 @@ def _bench_main(args: argparse.Namespace, about: dict) -> None:
     command = "python -m kernels.bench"
     if tuple(args.lengths) != LENGTHS:
         command += " --lengths " + " ".join(map(str, args.lengths))
+    shapes = tuple(s for s in SHAPES if args.kv_heads is None or s[0] in args.kv_heads)
+    if args.kv_heads is not None:
+        command += " --kv-heads " + " ".join(map(str, args.kv_heads))
     result = {
         **about,
         "command": command,
@@ -792,19 +797,19 @@ def _bench_main(args: argparse.Namespace, about: dict) -> None:
                 "stats+out": stats_module.block_sizes(d, True, with_output=True),
                 "received": received_module.block_sizes(d, True),
             }
-            for d in sorted({d for _, d in SHAPES})
+            for d in sorted({d for _, d in shapes})
         },
         "rows": [],
     }
     json_path = args.out / f"{device_slug()}.json"
-    for n_kv, d in SHAPES:  # the JSON is rewritten after each shape: a cut-off run keeps some
+    for n_kv, d in shapes:  # the JSON is rewritten after each shape: a cut-off run keeps some
         result["rows"] += bench_shape(
             n_kv, d, tuple(args.lengths), log=lambda r: print(json.dumps(r), flush=True)
         )
         result["targets"] = targets(result["rows"])
         atomic_write_text(json_path, json.dumps(result, indent=1))
     write_docs(result, args.docs)
-    for n_kv, d in SHAPES:
+    for n_kv, d in shapes:
         print(_table(result["rows"], n_kv, d), "\n")
     for t in result["targets"]:
         met = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
