@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--once", nargs=3, metavar=("MODE", "D", "L"))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.stats_profile needs a CUDA GPU", file=sys.stderr)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__}
     for d, length in SHAPES:
-        for mode in MODES:
+        for mode in args.modes:
             cache = args.out / f"triton-cache-{mode.replace('+', '_')}-d{d}"
             env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
             subprocess.run([sys.executable, "-m", "benchmarks.stats_profile", "--once", mode,
