@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "benchmarks.smollm2_long",
     "interventions.specs",
     "interventions.evaluation",
     "probes.retrieval",

@@ -7,7 +7,8 @@ that environment and calls::
     <kvpress venv>/bin/python kvpress_client.py REQUEST.json RESULT.json
 
 REQUEST: ``{"model_dir": HF directory, "max_new_tokens": n, "prompts": [{"context", "question"}],
-"maps": {name: exported duo directory or null}}``; null runs the pipeline without a press.
+"maps": {name: exported duo directory or null}}``, optionally ``"device"`` (default ``"cpu"``;
+``benchmarks/smollm2_long.py`` runs it on ``"cuda"``); null runs the pipeline without a press.
 RESULT: per map, the press's ``streaming_mask`` ``[n_layers, n_kv_heads]``, and per prompt the
 answer, the context length the press compressed, and the KV entries it masked, as
 ``[layer, kv_head, first, end]`` runs of positions.
@@ -73,7 +74,7 @@ def main(request_path: str, result_path: str) -> None:
     pipe = pipeline(
         "kv-press-text-generation",
         model=request["model_dir"],
-        device="cpu",
+        device=request.get("device", "cpu"),
         dtype=torch.float32,
         model_kwargs={"attn_implementation": "sdpa"},
     )
