@@ -27,6 +27,7 @@ Switching heads within a layer, or hovering tokens, needs no new forward pass.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -44,7 +45,7 @@ from workbench.capture import (
     resolve_path,
     run_with_patterns,
 )
-from workbench.errors import CaptureError, ModelLoadError
+from workbench.errors import CaptureError, ModelLoadError, WorkbenchError
 from workbench.models import Model, ModelInfo
 from workbench.store import check_run_model
 from workbench.tasks import get_task
@@ -114,13 +115,26 @@ _POOL = ModelPool()
 
 def configure(device: str | None) -> None:
     """Set the device models of this server process load on (before any is loaded)."""
-    global _POOL, _FORWARDS
+    global _POOL, _FORWARDS, _SURVEYS
     _POOL = ModelPool(device)
     _FORWARDS = ForwardCache()
+    _SURVEYS = SurveyCache()
 
 
 def pool() -> ModelPool:
     return _POOL
+
+
+# Per-position statistics a head can be ranked by across prompts: name -> (query or key, what
+# it is). The query ones are the terms whose mean over a prompt's queries is the run's
+# statistic of the same name (workbench.capture.STATISTICS).
+POSITION_STATISTICS: dict[str, tuple[str, str]] = {
+    "first_token_mass": ("query", "A[i, 0]: the attention query i gives the first token"),
+    "max_prob": ("query", "max_j A[i, j]: the largest weight of query i"),
+    "entropy": ("query", "-sum_j A[i, j] log A[i, j]: how spread query i's attention is (nats)"),
+    "normalized_entropy": ("query", "entropy_i / log(keys i sees): 1 = uniform, 0 = one key"),
+    "received_rate": ("key", "sum_i A[i, k] / (queries that see k): the attention key k receives"),
+}
 
 
 @dataclass
@@ -135,6 +149,8 @@ class PositionStats:
     attended_weights: np.ndarray
     received: np.ndarray  # [k_pos]: sum_i A[i, k] (column sums)
     received_rate: np.ndarray  # [k_pos]: received / number of queries that see key k
+    visible: np.ndarray  # [q_pos]: how many keys query i sees (the layer's mask)
+    seen_by: np.ndarray  # [k_pos]: how many queries see key k
 
     @property
     def max_prob(self) -> np.ndarray:
@@ -160,6 +176,29 @@ class PositionStats:
         """(query, :meth:`attended`) of the ``k`` most focused queries (largest weight)."""
         order = np.argsort(-self.max_prob, kind="stable")[:k]
         return [(int(q), self.attended(int(q))) for q in order]
+
+    def values(self, statistic: str) -> np.ndarray:
+        """One of :data:`POSITION_STATISTICS` at every position (query or key), NaN where a
+        position says nothing about the head: a query that sees a single key gives it all its
+        weight whatever the head does, and a key seen by a single query is one weight, not a
+        rate."""
+        informative = self.visible >= 2
+        if statistic == "first_token_mass":
+            values = self.first_token_mass
+        elif statistic == "max_prob":
+            values = self.max_prob
+        elif statistic == "entropy":
+            values = self.entropy
+        elif statistic == "normalized_entropy":
+            values = self.entropy / np.log(np.maximum(self.visible, 2))
+        elif statistic == "received_rate":
+            values, informative = self.received_rate, self.seen_by >= 2
+        else:
+            raise WorkbenchError(
+                f"no per-position statistic {statistic!r}; choose one of "
+                f"{', '.join(POSITION_STATISTICS)}"
+            )
+        return np.where(informative, values, np.nan).astype(np.float64)
 
 
 def _blocks(model: Model) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
@@ -227,7 +266,7 @@ def layer_positions(
     layout = QueryLayout.from_mask(
         received.shape[1], causal=model.info.causal, window=mask.window, chunk=mask.chunk
     )
-    seen_by = layout.seen_by.clamp(min=1).numpy()  # [k_pos] queries that see key k
+    seen_by = layout.seen_by.numpy()  # [k_pos] queries that see key k
     return [
         PositionStats(
             first_token_mass=stats.sink_mass[0, head].float().numpy(),
@@ -235,7 +274,9 @@ def layer_positions(
             attended_keys=keys[head],
             attended_weights=weights[head],
             received=received[head],
-            received_rate=received[head] / seen_by,
+            received_rate=received[head] / np.maximum(seen_by, 1),
+            visible=layout.visible.numpy(),
+            seen_by=seen_by,
         )
         for head in range(model.info.n_heads)
     ]
@@ -380,6 +421,114 @@ _FORWARDS = ForwardCache()
 
 def forwards() -> ForwardCache:
     return _FORWARDS
+
+
+@dataclass(frozen=True)
+class SurveyPrompt:
+    """One prompt of a set a head is ranked over: where the Head page finds it again (its
+    prompt choice, e.g. ``scan:basic``, and example number) and its tokens."""
+
+    source: str
+    item: int
+    token_ids: torch.Tensor  # [seq]
+
+
+@dataclass
+class Survey:
+    """One layer's per-position statistics on every prompt of a set, all heads at once, so
+    that ranking another head of the layer or by another statistic runs no model."""
+
+    layer: int
+    prompts: list[SurveyPrompt]
+    positions: list[list[PositionStats]]  # [prompt][head]
+
+
+@dataclass(frozen=True)
+class RankedPosition:
+    """A position of one prompt of a :class:`Survey` and the head's value there."""
+
+    prompt: int  # index into Survey.prompts
+    position: int  # a query (or, for a key statistic, a key) of that prompt
+    value: float
+
+
+def survey_layer(
+    model: Model,
+    prompts: list[SurveyPrompt],
+    layer: int,
+    on_prompt: Callable[[int, int], None] | None = None,
+    lock: threading.Lock | None = None,
+) -> Survey:
+    """:func:`layer_positions` of ``layer`` on each prompt (blocks 0..layer, streamed path, no
+    L×L tensor). ``on_prompt(i, n)`` is called before prompt i (progress, cancelling);
+    ``lock`` (the model's) is held for one prompt at a time, so that other views of the model
+    can run between them."""
+    positions = []
+    for i, prompt in enumerate(prompts):
+        if on_prompt is not None:
+            on_prompt(i, len(prompts))
+        with lock or contextlib.nullcontext():
+            positions.append(layer_positions(model, prompt.token_ids, layer))
+    return Survey(layer, list(prompts), positions)
+
+
+def top_positions(survey: Survey, head: int, statistic: str, n: int = 20) -> list[RankedPosition]:
+    """The ``n`` (prompt, position) pairs of the survey where ``head`` has the highest value of
+    ``statistic`` (:data:`POSITION_STATISTICS`), highest first; equal values keep the earlier
+    prompt, then the earlier position. Positions without a value (:meth:`PositionStats.values`)
+    are left out."""
+    values = [stats[head].values(statistic) for stats in survey.positions]
+    if not values:
+        return []
+    flat = np.concatenate(values)
+    prompt_of = np.repeat(np.arange(len(values)), [len(v) for v in values])
+    position_of = np.concatenate([np.arange(len(v)) for v in values])
+    kept = np.flatnonzero(np.isfinite(flat))
+    order = kept[np.argsort(-flat[kept], kind="stable")[:n]]
+    return [RankedPosition(int(prompt_of[i]), int(position_of[i]), float(flat[i])) for i in order]
+
+
+class SurveyCache:
+    """The last few :class:`Survey` results, keyed by (model, layer, the prompts' token ids)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, Survey] = OrderedDict()
+        self._lock = threading.Lock()
+        self.misses = 0
+
+    def get(
+        self,
+        model: Model,
+        prompts: list[SurveyPrompt],
+        layer: int,
+        on_prompt: Callable[[int, int], None] | None = None,
+        lock: threading.Lock | None = None,
+    ) -> tuple[Survey, bool]:
+        """(the survey, whether it came from the cache); arguments as for :func:`survey_layer`."""
+        digest = hashlib.sha256()
+        for prompt in prompts:
+            ids = prompt.token_ids.numpy().astype(np.int64)
+            digest.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+        key = (model.info.name, model.info.config_hash, layer, digest.hexdigest())
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key], True
+        survey = survey_layer(model, prompts, layer, on_prompt, lock)
+        with self._lock:
+            self.misses += 1
+            self._items[key] = survey
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return survey, False
+
+
+_SURVEYS = SurveyCache()
+
+
+def surveys() -> SurveyCache:
+    return _SURVEYS
 
 
 @dataclass(frozen=True)

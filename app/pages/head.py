@@ -46,6 +46,10 @@ TASK_OPTIONS = {  # task prompts offered on the Head page: name -> options of ge
     "toy": {"n": 16},
 }
 TOP_EXAMPLES = 3
+SCAN_SET = "scan"  # the prompt set of every distinct prompt the scan measured
+MAX_RANKED_PROMPTS = 64  # prompts ranked per set: one forward pass of blocks 0..layer each
+TOP_POSITIONS = 15  # rows of the ranked-positions table
+CONTEXT = (8, 3)  # tokens shown before and after a ranked position
 WEIGHT_FLOOR = 0.01  # token view: weights below this are not sent to the browser
 
 
@@ -106,6 +110,8 @@ def layout(
     sources.append((TYPED, "typed text below"))
     values = [value for value, _ in sources]
     chosen = prompt if prompt in values else values[0]
+    sets = [(SCAN_SET, "the scan's prompts")] if measurements else []
+    sets += [(value, label) for value, label in sources if value.startswith(("task:", "circuit:"))]
     kv = h_ // info.group_size
     neighbours = [
         (f"L{l_ + dl} H{h_ + dh}", _head_href(run, l_ + dl, h_ + dh, chosen, item))
@@ -144,6 +150,7 @@ def layout(
             html.H3("Scores"),
             html.Div(scores, className="scroll-x"),
             dcc.Loading(html.Div(id="head-stored")),
+            *_ranking_controls(sets),
             html.H3("On a prompt"),
             html.Div(
                 [
@@ -400,8 +407,8 @@ def _stored(ident: dict):
         html.H3("Where this head scores highest"),
         note(
             f"The {TOP_EXAMPLES} stored items with the highest value of each statistic for this "
-            "head; open one to see its tokens below. Within the prompt shown, the positions where "
-            "it attends most are listed under the token view."
+            "head; open one to see its tokens below. Positions, across every prompt of a set: the "
+            "next table; within the prompt shown: under its token view."
         ),
         html.Table(
             [html.Thead(top_header), html.Tbody(tops)], className="compact", id="head-top-items"
@@ -415,6 +422,188 @@ def _stored(ident: dict):
     if model is None:
         out.append(note(f"token ids are not decoded: {unloaded}"))
     return html.Div(out)
+
+
+def _ranking_controls(sets: list[tuple[str, str]]) -> list:
+    """The controls of the ranked-positions table: a per-position statistic, a prompt set, and
+    a job button (the ranking runs the model on every prompt of the set)."""
+    statistics = [
+        {"label": f"{name} ({kind}: {definition})", "value": name}
+        for name, (kind, definition) in compute.POSITION_STATISTICS.items()
+    ]
+    return [
+        html.H3("Positions where it scores highest, across prompts"),
+        note(
+            "Every position of every prompt of a set, ranked by this head's value of a "
+            "per-position statistic (the query statistics are the terms whose mean over a "
+            "prompt is the run's statistic of that name); a query that sees a single key, "
+            "and a key seen by a single query, are left out. Ranking runs the first layers of "
+            f"the model on each prompt (at most {MAX_RANKED_PROMPTS}), once per layer."
+        ),
+        html.Div(
+            [
+                html.Div(
+                    [
+                        html.Label("statistic", htmlFor="head-rank-statistic"),
+                        dcc.Dropdown(
+                            statistics, "max_prob", id="head-rank-statistic", clearable=False
+                        ),
+                    ],
+                    className="control control-wide",
+                ),
+                html.Div(
+                    [
+                        html.Label("over", htmlFor="head-rank-set"),
+                        dcc.Dropdown(
+                            [{"label": label, "value": value} for value, label in sets],
+                            sets[0][0] if sets else None,
+                            id="head-rank-set",
+                            clearable=False,
+                        ),
+                    ],
+                    className="control control-wide",
+                ),
+            ],
+            className="row controls",
+        ),
+        html.Div(
+            [
+                html.Button("rank", id="head-rank", className="button"),
+                html.Button(
+                    "cancel", id="head-rank-cancel", className="button secondary", disabled=True
+                ),
+                html.Progress(id="head-rank-progress", value="0", max="1"),
+                html.Span("", id="head-rank-progress-text", className="muted"),
+            ],
+            className="progress-row",
+        ),
+        html.Div(id="head-ranked"),
+    ]
+
+
+@callback(
+    Output("head-ranked", "children"),
+    Input("head-rank", "n_clicks"),
+    State("head-rank-statistic", "value"),
+    State("head-rank-set", "value"),
+    State("head-id", "data"),
+    background=True,
+    running=[
+        (Output("head-rank", "disabled"), True, False),
+        (Output("head-rank-cancel", "disabled"), False, True),
+    ],
+    progress=[
+        Output("head-rank-progress", "value"),
+        Output("head-rank-progress", "max"),
+        Output("head-rank-progress-text", "children"),
+    ],
+    cancel=[Input("head-rank-cancel", "n_clicks")],
+    interval=250,
+    prevent_initial_call=True,
+)
+def _rank(set_progress, _clicks, statistic: str, choice: str | None, ident: dict):
+    """A background job: the layer's per-position statistics on every prompt of the set
+    (cached per layer, so another head or statistic is instant), then the ranking."""
+    started = time.perf_counter()
+    layer, head = ident["layer"], ident["head"]
+    try:
+        if not choice:
+            raise WorkbenchError("the run has no prompts to rank over")
+        with catalog.current().open(ident["run"]) as r:
+            info = r.model
+            set_progress(("0", "1", "loading the model…"))
+            pool = compute.pool()
+            model = pool.get(info)
+            prompts, total = _prompt_set(r, model, choice)
+
+        def on_prompt(i: int, n: int) -> None:
+            jobs.checkpoint()
+            set_progress((str(i), str(n), f"prompt {i + 1} of {n}"))
+
+        survey, cached = compute.surveys().get(model, prompts, layer, on_prompt, pool.lock(info))
+        ranked = compute.top_positions(survey, head, statistic, TOP_POSITIONS)
+    except WorkbenchError as e:
+        set_progress(("0", "1", ""))
+        return error_panel(str(e))
+    took = time.perf_counter() - started
+    set_progress(("1", "1", f"{len(prompts)} prompts: done in {took:.2f} s"))
+    return _ranked_view(ident, model, survey, ranked, head, statistic, total, cached)
+
+
+def _ranked_view(
+    ident: dict,
+    model: Model,
+    survey: compute.Survey,
+    ranked: list[compute.RankedPosition],
+    head: int,
+    statistic: str,
+    total: int,
+    cached: bool,
+) -> html.Div:
+    """The table of ranked positions: value, the prompt (a link that opens it below), the
+    position's token in its context, and where that query attends most (or, for a key, how
+    many queries see it)."""
+    kind, definition = compute.POSITION_STATISTICS[statistic]
+    before, after = CONTEXT
+    rows = []
+    for rank, found in enumerate(ranked, 1):
+        prompt = survey.prompts[found.prompt]
+        ids = prompt.token_ids.numpy()
+        text = figs.token_text(model, ids)
+        p = found.position
+        stats = survey.positions[found.prompt][head]
+        if kind == "query":
+            attended = stats.attended(p)  # a ranked query sees 2 keys or more
+            key, weight = attended[0]
+            where = f"{key}:{text[key]} ({weight:.3f})"
+        else:
+            where = str(int(stats.seen_by[p]))
+        source = prompt.source.replace(":", " ", 1)
+        rows.append(
+            html.Tr(
+                [
+                    html.Td(str(rank), className="num"),
+                    html.Td(f"{found.value:.4g}", className="num"),
+                    html.Td(
+                        dcc.Link(
+                            f"{source} #{prompt.item}",
+                            href=_head_href(
+                                ident["run"], survey.layer, head, prompt.source, prompt.item
+                            ),
+                        )
+                    ),
+                    html.Td(f"{p}:{text[p]}"),
+                    html.Td(
+                        (["…"] if p > before else [])
+                        + [html.Span(t, className="ctx") for t in text[max(0, p - before) : p]]
+                        + [html.Strong(text[p], className="ctx ctx-at")]
+                        + [html.Span(t, className="ctx") for t in text[p + 1 : p + 1 + after]]
+                        + (["…"] if p + 1 + after < len(text) else []),
+                        className="context-cell",
+                    ),
+                    html.Td(where),
+                ]
+            )
+        )
+    shown = len(survey.prompts)
+    last = "attends most to" if kind == "query" else "queries that see it"
+    header = ["#", statistic, "prompt", kind, "context", last]
+    return html.Div(
+        [
+            note(
+                f"L{survey.layer} H{head}: the {len(ranked)} {kind} positions with the highest "
+                f"{statistic} ({definition}) over {shown} prompts"
+                + (f" (the first {shown} of {total})" if total > shown else "")
+                + (" · the layer's pass over these prompts was cached" if cached else "")
+                + "; open a prompt to see its tokens below."
+            ),
+            html.Table(
+                [html.Thead(html.Tr([html.Th(h) for h in header])), html.Tbody(rows)],
+                className="compact",
+                id="head-ranked-table",
+            ),
+        ]
+    )
 
 
 def _short(text: str, n: int = 70) -> str:
@@ -436,17 +625,45 @@ def _resolve_prompt(
         _check_item(item, n, f"the scan's measurement {name!r}")
         ids = torch.as_tensor(run.token_ids(name, item), dtype=torch.long)
         return ids, f"scan prompt {name} #{item}", None
+    prompts, what = _source_prompts(run, model, choice)
+    _check_item(item, len(prompts), what)
+    shown = f"task {name} #{item}" if kind == "task" else f"circuit {name}'s prompt #{item}"
+    return prompts[item].token_ids, shown, prompts[item]
+
+
+def _source_prompts(run, model: Model, choice: str) -> tuple[list[compute.TaskPrompt], str]:
+    """The prompts of a task (``task:NAME``) or of a stored circuit's task (``circuit:NAME``),
+    and what to call the source in a message."""
+    kind, _, name = choice.partition(":")
     if kind == "task":
-        prompts = compute.task_prompts(model, name, **TASK_OPTIONS.get(name, {}))
-        _check_item(item, len(prompts), f"task {name!r}")
-        return prompts[item].token_ids, f"task {name} #{item}", prompts[item]
+        return compute.task_prompts(model, name, **TASK_OPTIONS.get(name, {})), f"task {name!r}"
     if kind == "circuit":
         task = Circuit.from_json(run.circuit(name)).task
         options = {"n": int(task.get("n_prompts", 16)), "seed": int(task.get("seed", 0))}
         prompts = compute.task_prompts(model, str(task.get("task", "ioi")), **options)
-        _check_item(item, len(prompts), f"circuit {name!r} ({task.get('task')})")
-        return prompts[item].token_ids, f"circuit {name}'s prompt #{item}", prompts[item]
+        return prompts, f"circuit {name!r} ({task.get('task')})"
     raise WorkbenchError(f"unknown prompt source {choice!r}")
+
+
+def _prompt_set(run, model: Model, choice: str) -> tuple[list[compute.SurveyPrompt], int]:
+    """The prompts a head is ranked over (at most :data:`MAX_RANKED_PROMPTS`) and how many the
+    set has: ``scan`` is every distinct prompt of the scan's measurements (each found again
+    under its first measurement), ``task:NAME`` and ``circuit:NAME`` as in the prompt menu."""
+    if choice == SCAN_SET:
+        prompts, seen = [], set()
+        for measurement in run.measurement_names:
+            for item in range(run.n_items(measurement)):
+                ids = torch.as_tensor(run.token_ids(measurement, item), dtype=torch.long)
+                key = tuple(ids.tolist())
+                if key not in seen:
+                    seen.add(key)
+                    prompts.append(compute.SurveyPrompt(f"scan:{measurement}", item, ids))
+    else:
+        found, _ = _source_prompts(run, model, choice)
+        prompts = [compute.SurveyPrompt(choice, i, p.token_ids) for i, p in enumerate(found)]
+    if not prompts:
+        raise WorkbenchError("this set has no prompts")
+    return prompts[:MAX_RANKED_PROMPTS], len(prompts)
 
 
 def _check_item(item: int, n: int, what: str) -> None:

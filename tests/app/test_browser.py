@@ -388,9 +388,38 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     _settle(d)
     _page_fits(d)
     _screenshot(d, "head")
+    # the positions where it scores highest across the scan's prompts: ranked, decoded, and
+    # each opens its prompt
+    _wait(d, "#head-rank").click()
+    ranked = _wait(d, "#head-ranked-table", timeout=60)
+    rows = ranked.find_elements(By.CSS_SELECTOR, "tbody tr")
+    values = [float(r.find_elements(By.TAG_NAME, "td")[1].text) for r in rows]
+    assert len(rows) >= 5 and values == sorted(values, reverse=True)
+    first = rows[0].find_elements(By.TAG_NAME, "td")
+    assert first[4].find_element(By.TAG_NAME, "strong").text in first[3].text  # its token
+    assert "over 3 prompts" in d.find_element(By.ID, "head-ranked").text
+    item = first[2].text.rsplit("#", 1)[1]
+    first[2].find_element(By.TAG_NAME, "a").click()
+    _wait(d, "#head-prompt-summary", text=f"scan prompt basic #{item}", timeout=60)
     # a click on another head's panel opens that head on the same prompt
+    _wait(d, "#head-pattern .heatmaplayer", timeout=60)
     _click_heatmap_panel(d, "head-layer-grid", 3)
     _wait(d, "#head-title", text="Head L1 H3")
+    # a prompt longer than the pattern window: outside it, each query's top keys from the kernels
+    _wait(d, "#head-pattern .heatmaplayer", timeout=60)
+    _choose(d, "head-prompt", "typed text below")
+    d.find_element(By.ID, "head-text").send_keys(" ".join(["the cat sat on the mat"] * 14))
+    d.find_element(By.ID, "head-show").click()
+    _wait(d, "#head-prompt-summary", text="85 tokens", timeout=60)
+    tokens = d.find_elements(By.CSS_SELECTOR, "#head-tokens .tok")
+    _hover(d, tokens[10])  # the window is the last 64 queries: 21..84
+    info = _wait(d, "#head-token-info", text="the kernels' top 4").text
+    weights = json.loads(d.find_element(By.ID, "head-tokens").get_attribute("data-weights"))
+    assert weights["exact"] == [21, 85] and len(weights["rows"][10]) == 4
+    listed = info.split("attends most to ")[1].split(" (the kernels' top 4)")[0]
+    assert [entry.split(":")[0] for entry in listed.split(", ")] == [
+        str(key) for key, _ in weights["rows"][10]
+    ]
 
     # no head chosen: a picker, not an error; the go-to box opens any head of the run
     d.get(server + "/head?run=a.h5")
@@ -428,6 +457,15 @@ def _walk(server: str, d, runs_dir: Path, tmp_path: Path) -> None:
     _screenshot(d, "head-ioi-tokens", "#head-token-view")
     _screenshot(d, "head-ioi-layer", "#head-layer-grid")
     _screenshot(d, "head-ioi-writes", "#head-dla")
+    # where 1.1 attends most sharply across the 8 prompts of the circuit's task
+    _choose(d, "head-rank-set", "circuit · ioi-toy")
+    d.find_element(By.ID, "head-rank").click()
+    _wait(d, "#head-ranked", text="over 8 prompts", timeout=60)
+    rows = d.find_elements(By.CSS_SELECTOR, "#head-ranked-table tbody tr")
+    links = [r.find_elements(By.TAG_NAME, "td")[2].text for r in rows]
+    assert len(rows) == 15 and all(link.startswith("circuit ioi-toy #") for link in links)
+    _settle(d)
+    _screenshot(d, "head-ranked", "#head-ranked")
 
     # Atlas of a toy model scanned on prose: most tokens are <unk>, and the page says so
     d.get(server + "/atlas?run=toy-prose.h5")

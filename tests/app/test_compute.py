@@ -15,7 +15,7 @@ from app import compute
 from tests.architectures.families import BY_NAME, build, prompt_ids, tokenizer
 from workbench import figures
 from workbench.capture import StreamedRecorder
-from workbench.errors import RunMismatchError
+from workbench.errors import RunMismatchError, WorkbenchError
 from workbench.models import from_hf
 
 
@@ -188,3 +188,107 @@ def test_received_rate_divides_by_the_queries_that_see_each_key(family) -> None:
     for head, position in enumerate(compute.layer_positions(model, ids, 0)):
         expected = (pattern[head].sum(0) / seen).numpy()
         np.testing.assert_allclose(position.received_rate, expected, atol=1e-5)
+
+
+def _pattern_values(pattern: np.ndarray) -> dict[str, np.ndarray]:
+    """Every per-position statistic straight from an eager pattern [q, k] of a causal head: the
+    independent route to PositionStats.values (NaN where a query sees one key or a key is seen
+    by one query)."""
+    n = len(pattern)
+    visible = np.arange(1, n + 1)  # causal: query i sees keys 0..i
+    seen_by = np.arange(n, 0, -1)  # key k is seen by queries k..n-1
+    entropy = -(pattern * np.log(np.where(pattern > 0, pattern, 1))).sum(1)
+    per_query = {
+        "first_token_mass": pattern[:, 0],
+        "max_prob": pattern.max(1),
+        "entropy": entropy,
+        "normalized_entropy": entropy / np.log(np.maximum(visible, 2)),
+    }
+    values = {name: np.where(visible >= 2, v, np.nan) for name, v in per_query.items()}
+    values["received_rate"] = np.where(seen_by >= 2, pattern.sum(0) / seen_by, np.nan)
+    return values
+
+
+def test_position_values_are_the_patterns(tiny_model) -> None:
+    ids = tiny_model.tokenize("when mary and john went to the store john gave a drink to mary")
+    stats = compute.layer_positions(tiny_model, ids, 1)
+    for head in range(tiny_model.info.n_heads):
+        expected = _pattern_values(figures.head_pattern(tiny_model, ids, 1, head))
+        for name in compute.POSITION_STATISTICS:
+            np.testing.assert_allclose(stats[head].values(name), expected[name], atol=1e-4,
+                                       err_msg=name)  # fmt: skip
+    with pytest.raises(WorkbenchError, match="no per-position statistic 'sink'; choose one of"):
+        stats[0].values("sink")
+
+
+SURVEY_TEXTS = [
+    "the cat sat on the mat",
+    "when mary and john went to the store john gave a drink to mary",
+    "the dog ran to the park",
+]
+
+
+def test_top_positions_rank_every_position_of_every_prompt(tiny_model) -> None:
+    """Against a brute force over the eager patterns of every prompt: the ranked values are the
+    largest of all positions', and each is the value at the (prompt, position) it names."""
+    prompts = [
+        compute.SurveyPrompt("scan:basic", i, tiny_model.tokenize(text))
+        for i, text in enumerate(SURVEY_TEXTS)
+    ]
+    seen = []
+    survey = compute.survey_layer(tiny_model, prompts, 1, on_prompt=lambda i, n: seen.append(i))
+    assert seen == [0, 1, 2] and len(survey.positions) == 3
+    for head, statistic in [(0, "max_prob"), (3, "first_token_mass"), (2, "received_rate")]:
+        by_prompt = [
+            _pattern_values(figures.head_pattern(tiny_model, p.token_ids, 1, head))[statistic]
+            for p in prompts
+        ]
+        everything = np.sort(np.concatenate(by_prompt)[~np.isnan(np.concatenate(by_prompt))])
+        ranked = compute.top_positions(survey, head, statistic, 7)
+        np.testing.assert_allclose([r.value for r in ranked], everything[::-1][:7], atol=1e-4)
+        for r in ranked:
+            assert r.value == pytest.approx(by_prompt[r.prompt][r.position], abs=1e-4)
+
+
+def _stats(values: np.ndarray, visible: np.ndarray) -> compute.PositionStats:
+    n = len(values)
+    zeros = np.zeros(n)
+    keys = np.zeros((n, compute.TOP_KEYS), dtype=np.int64)
+    return compute.PositionStats(values, zeros, keys, keys.astype(float), zeros, zeros, visible,
+                                 np.full(n, 2))  # fmt: skip
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.sampled_from([0.0, 0.25, 0.5, 1.0, np.nan]), st.integers(1, 3)),
+            max_size=6,
+        ),
+        max_size=4,
+    ),
+    st.integers(0, 10),
+)
+def test_top_positions_order_and_ties(prompts: list, n: int) -> None:
+    """Highest first; equal values keep the earlier prompt, then the earlier position; NaN and
+    single-key queries are never ranked; at most n."""
+    survey = compute.Survey(
+        0,
+        [compute.SurveyPrompt("scan:basic", i, torch.zeros(len(p))) for i, p in enumerate(prompts)],
+        [[_stats(np.array([v for v, _ in p]), np.array([k for _, k in p]))] for p in prompts],
+    )
+    ranked = compute.top_positions(survey, 0, "first_token_mass", n)
+    candidates = [
+        (-v, i, j) for i, p in enumerate(prompts) for j, (v, k) in enumerate(p) if k >= 2 and v == v
+    ]
+    expected = sorted(candidates)[:n]
+    assert [(-r.value, r.prompt, r.position) for r in ranked] == expected
+
+
+def test_the_survey_cache_reuses_a_layer(tiny_model) -> None:
+    cache = compute.SurveyCache(size=1)
+    prompts = [compute.SurveyPrompt("typed", 0, tiny_model.tokenize("the cat sat"))]
+    first, cached = cache.get(tiny_model, prompts, 0)
+    again, cached_again = cache.get(tiny_model, prompts, 0)
+    assert (cached, cached_again, cache.misses) == (False, True, 1) and again is first
+    cache.get(tiny_model, prompts, 1)  # another layer: evicts the first (size 1)
+    assert not cache.get(tiny_model, prompts, 0)[1] and cache.misses == 3

@@ -17,7 +17,7 @@ from app.components import format_heads, parse_heads
 from app.pages import head as head_page
 from app.pages import lab as lab_page
 from workbench.errors import WorkbenchError
-from workbench.figures import token_labels
+from workbench.figures import token_labels, token_text
 from workbench.models import ModelInfo
 from workbench.store import intervention_results
 from workbench.tasks import get_task
@@ -218,3 +218,50 @@ def test_a_long_prompt_shows_the_kernels_top_keys_outside_the_window(runs: Path)
     q, attended = positions.top_queries(1)[0]
     assert all(labels[k] in table for k, _ in attended) and "key 4" in table
     assert labels[q] in table
+
+
+def test_the_scan_set_is_every_distinct_prompt_of_the_scan(runs: Path) -> None:
+    cat = catalog.current()
+    model = compute.pool().get(cat.entry("toy-ioi.h5").summary.model)
+    with cat.open("toy-ioi.h5") as run:
+        assert run.measurement_names == ["basic", "sinks"]  # both measured the same 2 prompts
+        prompts, total = head_page._prompt_set(run, model, head_page.SCAN_SET)
+        assert total == 2 and [(p.source, p.item) for p in prompts] == [
+            ("scan:basic", 0),
+            ("scan:basic", 1),
+        ]
+        assert [p.token_ids.tolist() for p in prompts] == [
+            run.token_ids("basic", i).tolist() for i in range(2)
+        ]
+        circuit, total = head_page._prompt_set(run, model, "circuit:ioi-toy")
+        assert total == 8 and circuit[7].source == "circuit:ioi-toy" and circuit[7].item == 7
+        with pytest.raises(WorkbenchError, match="unknown prompt source"):
+            head_page._prompt_set(run, model, "nowhere:x")
+
+
+def test_ranked_positions_name_the_prompt_and_show_the_token_in_context(runs: Path) -> None:
+    """The table's rows: the value, a link that opens the prompt on the Head page, the position's
+    decoded token in bold between its neighbours, and where that query attends most."""
+    cat = catalog.current()
+    model = compute.pool().get(cat.entry("a.h5").summary.model)
+    with cat.open("a.h5") as run:
+        prompts, total = head_page._prompt_set(run, model, head_page.SCAN_SET)
+    survey, _ = compute.surveys().get(model, prompts, 1)
+    ranked = compute.top_positions(survey, 2, "max_prob", 5)
+    ident = {"run": "a.h5", "layer": 1, "head": 2}
+    view = head_page._ranked_view(ident, model, survey, ranked, 2, "max_prob", total, False)
+    table = _find(view, "head-ranked-table")
+    rows = table.children[1].children
+    assert len(rows) == 5
+    best, prompt = ranked[0], survey.prompts[ranked[0].prompt]
+    cells = rows[0].children
+    assert _text(cells[1]) == f"{best.value:.4g}"
+    link = cells[2].children
+    assert link.href == f"/head?run=a.h5&layer=1&head=2&prompt=scan%3Abasic&item={prompt.item}"
+    text = token_text(model, prompt.token_ids.numpy())[best.position]
+    assert _text(cells[3]) == f"{best.position}:{text}"
+    (at,) = [c for c in cells[4].children if getattr(c, "className", "") == "ctx ctx-at"]
+    assert at.children == text  # the position's token, in bold among its neighbours
+    key, weight = survey.positions[best.prompt][2].attended(best.position)[0]
+    assert _text(cells[5]).startswith(f"{key}:") and f"({weight:.3f})" in _text(cells[5])
+    assert f"over {len(prompts)} prompts" in _text(view)
