@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -123,6 +124,38 @@ def configure(device: str | None) -> None:
 
 def pool() -> ModelPool:
     return _POOL
+
+
+def server_threads(cores: int, pool_size: int, omp_num_threads: str | None) -> int:
+    """How many intra-op threads PyTorch gets in the explorer's server process.
+
+    ``cores``: the CPUs this process may run on; ``pool_size``: the threads PyTorch would use
+    (``torch.get_num_threads()``, by default one per core); ``omp_num_threads``: the
+    ``OMP_NUM_THREADS`` environment variable, which wins when set (the user's choice).
+    Otherwise one core is left to the rest of the server and the browser: ``cores - 1``, at
+    least 1, never more than ``pool_size``.
+
+    Why: PyTorch's pool runs every operation of a forward pass on all its threads and waits for
+    the last one at the end of each. In the server those threads share the cores with Flask's
+    request threads (the Head page polls its job every 250 ms), with the job's progress writes
+    and usually with the browser, so on a small machine one of them is often descheduled and the
+    others wait for it. On the 2-core CPU machine the server's work for a new 64-token SmolLM2
+    prompt took up to 10.6 s with two threads and at most 1.2 s with one, while the same pass
+    alone in a worker thread took 0.7-0.8 s with two and 0.6-0.7 s with one (docs/explorer.md,
+    *Speed*).
+    """
+    if omp_num_threads and omp_num_threads.strip():
+        return pool_size
+    return max(1, min(pool_size, cores - 1))
+
+
+def use_server_threads() -> int:
+    """Apply :func:`server_threads` to this process (before any job thread starts: each thread
+    takes PyTorch's setting on its first parallel operation); returns the number of threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = server_threads(cores or 1, torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
+    torch.set_num_threads(threads)
+    return threads
 
 
 # Per-position statistics a head can be ranked by across prompts: name -> (query or key, what

@@ -59,6 +59,10 @@ def create_app(
         assets_folder=str(ASSETS),
         background_callback_manager=ThreadJobManager(jobs_dir),
         suppress_callback_exceptions=True,
+        # Plotly's bundle (4.8 MB) with the page, not with its first graph: the Head page has no
+        # graph until 'show' returns, and parsing the bundle then added about a second to the
+        # first pattern (docs/explorer.md, Speed)
+        eager_loading=True,
         title="Attention-head workbench",
         on_error=_show_error,
     )
@@ -164,7 +168,9 @@ def serve(
     device: str | None = None,
     debug: bool = False,
 ) -> None:
-    """Run the explorer until interrupted (Flask's threaded server)."""
+    """Run the explorer until interrupted (Flask's threaded server), with PyTorch's intra-op
+    threads set for a server (:func:`app.compute.use_server_threads`)."""
+    threads = compute.use_server_threads()
     app = create_app(runs_dir, named, device=device)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(
@@ -172,7 +178,10 @@ def serve(
             "the runs directory's scores and run models",
             file=sys.stderr,
         )
-    print(f"workbench app: http://{host}:{port}/ (runs from {catalog.current().runs_dir})")
+    print(
+        f"workbench app: http://{host}:{port}/ (runs from {catalog.current().runs_dir}; "
+        f"{threads} PyTorch thread{'s' if threads > 1 else ''})"
+    )
     app.run(host=host, port=port, debug=debug, use_reloader=False)
 
 

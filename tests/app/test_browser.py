@@ -62,9 +62,9 @@ def _serve(runs_dir: Path, log: Path) -> Iterator[str]:
         **os.environ,
         "PYTHONPATH": str(REPO),
         "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    env.pop("OMP_NUM_THREADS", None)  # the server sets its own threads (app.compute)
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "workbench.cli", "app", str(runs_dir), "--port", str(port)],

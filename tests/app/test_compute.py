@@ -4,6 +4,7 @@ and the head views agree with each other and with the model's own modules."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -292,3 +293,38 @@ def test_the_survey_cache_reuses_a_layer(tiny_model) -> None:
     assert (cached, cached_again, cache.misses) == (False, True, 1) and again is first
     cache.get(tiny_model, prompts, 1)  # another layer: evicts the first (size 1)
     assert not cache.get(tiny_model, prompts, 0)[1] and cache.misses == 3
+
+
+@pytest.mark.parametrize(
+    ("cores", "pool", "omp", "threads"),
+    [(2, 2, None, 1), (16, 16, None, 15), (1, 1, None, 1), (8, 4, None, 4), (2, 2, "2", 2)],
+)
+def test_server_threads_examples(cores: int, pool: int, omp: str | None, threads: int) -> None:
+    assert compute.server_threads(cores, pool, omp) == threads
+
+
+@given(
+    cores=st.integers(1, 512),
+    pool=st.integers(1, 512),
+    omp=st.one_of(st.none(), st.sampled_from(["", " ", "1", "3", "64"])),
+)
+def test_server_threads_leave_a_core_to_the_server(cores: int, pool: int, omp) -> None:
+    """Never more threads than PyTorch's pool nor than the cores but one (at least one), the
+    most that allows; OMP_NUM_THREADS, when set, keeps PyTorch's own choice."""
+    threads = compute.server_threads(cores, pool, omp)
+    if omp and omp.strip():
+        assert threads == pool
+    else:
+        assert 1 <= threads <= pool and (threads <= cores - 1 or threads == 1)
+        assert threads == pool or threads == max(1, cores - 1)
+
+
+def test_the_server_applies_its_threads(monkeypatch) -> None:
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        threads = compute.use_server_threads()
+        assert torch.get_num_threads() == threads
+        assert threads == compute.server_threads(len(os.sched_getaffinity(0)), before, None)
+    finally:
+        torch.set_num_threads(before)
