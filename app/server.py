@@ -60,8 +60,8 @@ def create_app(
         background_callback_manager=ThreadJobManager(jobs_dir),
         suppress_callback_exceptions=True,
         # Plotly's bundle (4.8 MB) with the page, not with its first graph: the Head page has no
-        # graph until 'show' returns, and parsing the bundle then added about a second to the
-        # first pattern (docs/explorer.md, Speed)
+        # graph until 'show' returns, and loading the bundle then made the first pattern take
+        # 3.7-4.3 s to draw after its result instead of 1.1-2.4 s (docs/explorer.md, Speed)
         eager_loading=True,
         title="Attention-head workbench",
         on_error=_show_error,
