@@ -231,9 +231,16 @@ def attend(call: AttentionCall) -> Tensor:
             call.query, call.key, call.value, return_output=True, **call.kernel_options()
         ).output
     q_len = call.query.shape[2]
+    key, value = call.key, call.value
+    group = call.query.shape[1] // key.shape[1]
+    if group > 1 and call.query.dtype == torch.float32:
+        # only the flash backend (16-bit) reads grouped K/V; an fp32 call with enable_gqa falls
+        # back to the math backend's [batch, heads, L, L] scores (133 GiB for SmolLM2's 56 rows
+        # at 8K on the H200), so repeat the KV heads as Hugging Face's repeat_kv does
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     return F.scaled_dot_product_attention(
-        call.query, call.key, call.value, dropout_p=call.dropout, scale=call.scale,
-        is_causal=call.causal and q_len > 1, enable_gqa=call.query.shape[1] != call.key.shape[1],
+        call.query, key, value, dropout_p=call.dropout, scale=call.scale,
+        is_causal=call.causal and q_len > 1, enable_gqa=call.query.shape[1] != key.shape[1],
     )  # fmt: skip
 
 

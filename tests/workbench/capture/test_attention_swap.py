@@ -6,6 +6,7 @@ source of truth), and every refusal is a `CaptureError` naming what to do instea
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AttentionInterface
@@ -140,6 +141,25 @@ def test_attend_equals_masked_softmax_for_plain_and_partial_prefill():
         p, j = torch.arange(6 - q_len, 6)[:, None], torch.arange(6)[None]
         weights = scores.masked_fill(j > p, float("-inf")).softmax(-1)
         torch.testing.assert_close(attend(call), weights @ v.repeat_interleave(2, dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_hands_sdpa_grouped_kv_only_in_16_bit(dtype, monkeypatch):
+    # fp32 SDPA with enable_gqa runs the math backend's [B, H, L, L] scores (out of memory at
+    # 8K); 16-bit calls keep the grouped heads, which the flash backend reads directly
+    q, k, v = (x.to(dtype) for x in _qkv(q_len=6, k_len=6, d_v=5))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, **kw):
+        seen.append((key.shape[1], kw["enable_gqa"]))
+        return sdpa(query, key, value, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    out = attend(parse_call(_Module(), q, k, v, None, None, 0.0, {}))
+    assert seen == ([(4, False)] if dtype == torch.float32 else [(2, True)])
+    want = sdpa(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(out, want)
 
 
 def test_use_attention_switches_and_restores(tiny_model):
