@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import attention_stats, received_attention, reference
+from kernels import attention_stats, received_attention, reference, top_keys
 from workbench.atomic import atomic_write_text
 
 # the package re-exports functions under the submodules' names; fetch the modules themselves
@@ -473,6 +473,11 @@ CHECK_CASES = [
          variant=dict(window=128)),
     dict(dtype=torch.bfloat16, causal=True, n_kv=1, length=1500, d=192, d_v=128, tol=2e-2),
     dict(dtype=torch.float32, causal=True, n_kv=4, length=1200, d=64, tol=1e-4, alibi=True),
+    # decoding: one query against 4K keys (the keys are split into shares, `key_splits`), and
+    # with learned sinks and a softcap (the merge adds the sink, the hardware tanh runs)
+    dict(dtype=torch.bfloat16, causal=True, n_kv=2, length=4096, d=128, tol=2e-2, subset=1),
+    dict(dtype=torch.bfloat16, causal=True, n_kv=1, length=4096, d=64, tol=2e-2, subset=1,
+         sinks=True, variant=dict(softcap=30.0)),
 ]  # fmt: skip
 
 
@@ -507,7 +512,11 @@ def check(device: str = "cuda") -> bool:
                       q_positions=positions, **variant)  # fmt: skip
         recv = received_attention(q, k, got.lse, **common)
         recv_ref = reference.received_attention(q.float(), k.float(), want.lse, **common)
-        errs = {"received": (recv - recv_ref).abs().max().item()}
+        tk = dict(causal=case["causal"], key_padding_mask=pad, q_positions=positions, **variant)
+        p_top, i_top = top_keys(q, k, got.lse, k_top=8, **tk)
+        p_ref, i_ref = reference.top_keys(q.float(), k.float(), want.lse, k_top=8, **tk)
+        errs = {"received": (recv - recv_ref).abs().max().item(),
+                "top_keys": (p_top - p_ref).abs().max().item()}  # fmt: skip
         for name in (*FIELDS, "output", "learned_sink_mass"):
             if getattr(want, name) is None:
                 continue
@@ -516,6 +525,7 @@ def check(device: str = "cuda") -> bool:
             bad = not torch.equal(torch.isfinite(x), fin)
             errs[name] = math.inf if bad else (x[fin] - y[fin]).abs().max().item()
         agree = (got.argmax == want.argmax).float().mean().item()
+        top_agree = (i_top == i_ref).float().mean().item()  # near-ties may swap in 16 bits
         worst = max(errs.values())
         passed = worst <= case["tol"]
         ok &= passed
@@ -523,7 +533,7 @@ def check(device: str = "cuda") -> bool:
         extra += [name for name in ("sinks", "alibi") if case.get(name)]
         print(f"check {case['dtype']} causal={case['causal']} L={length} d={d} d_v={d_v} "
               f"queries={q.shape[2]} kv={case['n_kv']}{''.join(' ' + e for e in extra)}: "
-              f"worst={worst:.2e} argmax_agree={agree:.4f} "
+              f"worst={worst:.2e} argmax_agree={agree:.4f} top_keys_agree={top_agree:.4f} "
               f"{'ok' if passed else 'FAIL ' + str(errs)}", flush=True)  # fmt: skip
     return ok
 
