@@ -225,14 +225,19 @@ def policy_attention(call: AttentionCall) -> Tensor:
         if not len(index):
             continue
         rows = (index[:, None] * group + torch.arange(group)).flatten()  # [n_sel * group] heads
+        # indices go to the GPU without a blocking copy: a CPU index, or a blocking copy, makes
+        # the host wait for the GPU at every layer (and, while decoding, at every token)
+        kv = index.to(query.device, non_blocking=True)
         selected = call.with_tensors(
-            query=q5[:, index].flatten(1, 2),  # [batch, n_sel * group, q_pos, d]
-            key=key[:, index],  # [batch, n_sel, k_len, d]
-            value=value[:, index],
-            sinks=None if call.sinks is None else call.sinks[rows.to(call.sinks.device)],
+            query=q5[:, kv].flatten(1, 2),  # [batch, n_sel * group, q_pos, d]
+            key=key[:, kv],  # [batch, n_sel, k_len, d]
+            value=value[:, kv],
+            sinks=None
+            if call.sinks is None
+            else call.sinks[rows.to(call.sinks.device, non_blocking=True)],
         )
         result = _streaming(selected, sink, kept_from) if streaming else attend(selected)
-        out[:, index] = result.unflatten(1, (len(index), group))
+        out[:, kv] = result.unflatten(1, (len(index), group))
     return out.flatten(1, 2)
 
 
@@ -273,7 +278,7 @@ def _streaming(call: AttentionCall, sink: int, kept_from: Tensor) -> Tensor:
             & (keys[None] < end[a:b, None])
             & ((keys[None] < sink) | (keys[None] >= kept_from[a:b, None]))
         )  # [rows, n_keys] bool, True = attend
-        keys, visible = keys.to(device), visible.to(device)
+        keys, visible = keys.to(device, non_blocking=True), visible.to(device, non_blocking=True)
         blocks.append(
             _softmax_attention(call, query[:, :, a:b], key[:, :, keys], value[:, :, keys], visible)
         )
