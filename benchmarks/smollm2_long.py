@@ -12,10 +12,11 @@ runs four stages, each written to the results JSON as soon as one of its units e
     ``--depths`` needle depths spread over the whole context (Wu et al.'s
     ``round(linspace(0, 100, n))`` percent) × the first ``--needles`` needles. One run file per
     length (``WORK/retrieval-<length>.h5``; a finished one with the same options is reused, an
-    interrupted one resumes). Per length: the counted trials, labelled heads, the top heads with
-    their 95 % intervals and the score distribution; across lengths: the top-k overlap and rank
-    correlation, and the table of all lengths together (with the probe's own stability
-    analysis), which is *the map* the other stages use.
+    interrupted one resumes; the per-trial scores also go into the results JSON). Per length:
+    the counted trials, labelled heads, the top heads with their 95 % intervals and the score
+    distribution; across lengths: the top-k overlap and rank correlation, and the table of all
+    lengths together (with the probe's own stability analysis), which is *the map* the other
+    stages use.
 ``causal``
     At each length, :func:`interventions.evaluation.knockout_curve`: the top-k retrieval heads
     (``--ks``, plus the row of every labelled head) zero-ablated together, against ``--seeds``
@@ -46,9 +47,12 @@ it made (prefill calls and tokens, decoding steps), from which a run at another 
 another device can be estimated. ``--time-limit``: no unit starts after that many seconds from
 the start (the rest is listed as skipped); a kvpress run in flight is stopped
 :data:`KVPRESS_GRACE` seconds after it. A unit that raises is listed as failed, with the end of
-its traceback, and the others still run (exit code 1). ``--stages`` runs a subset; the later
-stages read the map from the run files in ``--work``, and a results JSON of the same settings
-is updated rather than replaced.
+its traceback, and the others still run (exit code 1). A results JSON of the same settings
+(all but ``--stages``, ``--time-limit``, the docs and kvpress environment options) is
+continued: the units it holds are kept, not run again (``--fresh`` starts anew), so the same
+command finishes a run that the time limit or a lost machine cut short, on any machine that has
+the JSON. The retrieval units keep their per-trial scores in it, and the later stages make the
+map from those; ``--stages`` runs a subset.
 
 ``--docs`` writes the tables (with the command and the device) into ``docs/export.md`` (after
 the section of heading :data:`EXPORT_ANCHOR`) and ``docs/probes.md`` (after :data:`PROBES_ANCHOR`),
@@ -87,7 +91,7 @@ from interventions.evaluation import knockout_curve
 from probes.retrieval import RetrievalProbe, jaccard
 from workbench.arguments import Parser, device, integer, names, number_list, output_dir, real
 from workbench.atomic import atomic_write_text
-from workbench.errors import WorkbenchError
+from workbench.errors import DeviceError, WorkbenchError
 from workbench.export import export, select_full
 from workbench.headmap import HeadMap, Policy
 from workbench.kv_policy import MIN_RECALL, CachePolicy, evaluate_map, machine, random_map
@@ -138,7 +142,7 @@ class Settings:
     lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8128])
     map_lengths: list[int] = field(default_factory=lambda: [4096, 8128])
     depths: int = 10
-    test_depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    test_depths: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
     needles: int = 2
     seeds: int = 3
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
@@ -187,13 +191,16 @@ class Results:
         text = json.dumps(jsonable(self.document), indent=1, allow_nan=False)
         atomic_write_text(self.path, text + "\n")
 
-    def attempt(self, label: str, work: Callable[[], str]) -> None:
-        """One unit of work, unless the time limit has passed (then it is listed under
+    def attempt(self, label: str, work: Callable[[], str], done: bool = False) -> None:
+        """One unit of work, unless ``done`` (its results are in the document already, from an
+        earlier run of the same settings) or the time limit has passed (then it is listed under
         ``skipped``). ``work`` stores its results in the document and returns a summary line
         for the log. A unit that raises is recorded under ``failed`` with the end of its
         traceback, and the units after it still run: one GPU run should bring back every result
         that does not depend on the failed one."""
-        if self.elapsed > self.time_limit:
+        if done:
+            self.log(f"{label}: done by an earlier run (kept)")
+        elif self.elapsed > self.time_limit:
             self.document.setdefault("skipped", []).append(label)
             self.log(f"{label}: skipped (time limit of {self.time_limit:g} s)")
         else:
@@ -260,8 +267,13 @@ def counted_forwards(hf: torch.nn.Module) -> Iterator[dict[str, int]]:
 
 
 def device_name(device_spec: str) -> str:
+    """What the device is called (``NVIDIA H200``); a `DeviceError` for a GPU that is not
+    there, before any work."""
     if device_spec.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device_spec))
+        index = torch.device(device_spec).index or 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device_spec}: torch sees no such CUDA GPU here")
+        return torch.cuda.get_device_name(index)
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
@@ -324,11 +336,18 @@ def score_table(trials: dict[str, np.ndarray]) -> ScoreTable:
     return RetrievalProbe().score({"needle_decode": trials})[0]
 
 
-def combined_table(work: Path, lengths: list[int]) -> tuple[ScoreTable, dict[str, np.ndarray]]:
-    """The retrieval table of the trials of all ``lengths`` together (the map), and the trials."""
-    parts = [read_trials(run_file(work, n)) for n in lengths]
+def combined_table(
+    parts: list[dict[str, np.ndarray]],
+) -> tuple[ScoreTable, dict[str, np.ndarray]]:
+    """The retrieval table of several lengths' trials together (the map), and the trials."""
     trials = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     return score_table(trials), trials
+
+
+def stored_trials(row: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A length's per-trial arrays as the results document keeps them (``per_trial``; null, from
+    a JSON file, is NaN again)."""
+    return {name: np.array(v, dtype=np.float32) for name, v in row["per_trial"].items()}
 
 
 def head_name(index: int, n_heads: int) -> str:
@@ -400,7 +419,9 @@ def across_lengths(tables: dict[int, ScoreTable]) -> dict[str, Any]:
 
 def retrieval_stage(model: Model, settings: Settings, work: Path, results: Results) -> None:
     """Stage ``retrieval``: a scan per length (a finished run file of the same options is
-    reused), then the table of all lengths and the comparison between lengths."""
+    reused), then the table of all lengths and the comparison between lengths. Each length's
+    per-trial scores go into the results document, so that the map can be made again from it
+    alone (:func:`the_map`)."""
     section = results.document.setdefault("retrieval", {})
     by_length = section.setdefault("by_length", {})
 
@@ -414,33 +435,36 @@ def retrieval_stage(model: Model, settings: Settings, work: Path, results: Resul
         trials = read_trials(path)
         row = summarise(score_table(trials), trials)
         row |= {"seconds": round(time.perf_counter() - start, 2), "reused_run_file": reused}
-        by_length[str(length)] = row
+        by_length[str(length)] = row | {"per_trial": trials}
         top = ", ".join(t["head"] for t in row["top"][:5])
         return f"{row['counted']}/{row['trials']} counted, {row['labelled']} labelled, top {top}"
 
     for length in settings.lengths:
-        results.attempt(f"retrieval {length}", lambda n=length: one_length(n))
-    done = [n for n in settings.lengths if str(n) in by_length]
+        done = "per_trial" in by_length.get(str(length), {})
+        results.attempt(f"retrieval {length}", lambda n=length: one_length(n), done=done)
+    done = [n for n in settings.lengths if "per_trial" in by_length.get(str(n), {})]
     if done:
-        combined, trials = combined_table(work, done)
+        parts = {n: stored_trials(by_length[str(n)]) for n in done}
+        combined, trials = combined_table(list(parts.values()))
         section["all_lengths"] = summarise(combined, trials) | {
             "lengths": done,
             "stability": combined.parameters["stability"],
         }
-        tables = {n: score_table(read_trials(run_file(work, n))) for n in done}
-        section["across_lengths"] = across_lengths(tables)
+        section["across_lengths"] = across_lengths({n: score_table(t) for n, t in parts.items()})
         results.save()
 
 
-def mapped_lengths(settings: Settings, work: Path) -> list[int]:
-    """The lengths whose retrieval run file is in ``work``: the map is made of their trials."""
-    found = [n for n in settings.lengths if run_file(work, n).is_file()]
+def the_map(settings: Settings, document: dict[str, Any]) -> tuple[ScoreTable, list[int]]:
+    """The retrieval table the later stages use: the trials of every length of ``--lengths``
+    whose retrieval unit the results document holds, together; and those lengths."""
+    by_length = document.get("retrieval", {}).get("by_length", {})
+    found = [n for n in settings.lengths if "per_trial" in by_length.get(str(n), {})]
     if not found:
         raise WorkbenchError(
-            f"no retrieval run file of lengths {settings.lengths} in {work}: run the retrieval "
-            "stage first (--stages retrieval)"
+            f"no retrieval trials of lengths {settings.lengths} in the results file: run the "
+            "retrieval stage first (--stages retrieval)"
         )
-    return found
+    return combined_table([stored_trials(by_length[str(n)]) for n in found])[0], found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,13 +487,15 @@ def causal_stage(model: Model, table: ScoreTable, settings: Settings, results: R
             "seconds": round(time.perf_counter() - start, 2),
         }
         effects = "; ".join(
-            f"top {r.k} {r.answer_accuracy_diff:+.3f}, random {r.answer_accuracy_control_diff:+.3f}"
+            f"{'all labelled' if r.all_labelled else 'top'} {r.k} {r.answer_accuracy_diff:+.3f}, "
+            f"random {r.answer_accuracy_control_diff:+.3f}"
             for r in curve.table.itertuples()
         )
         return f"answer accuracy {curve.baseline['answer_accuracy']:.3f}; {effects}"
 
     for length in settings.lengths:
-        results.attempt(f"causal {length}", lambda n=length: one_length(n))
+        done = str(length) in section
+        results.attempt(f"causal {length}", lambda n=length: one_length(n), done=done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +552,8 @@ def evaluate_map_stage(
     for length in settings.map_lengths:
         for prefill in PREFILLS:
             label = f"evaluate-map {length} {prefill}"
-            results.attempt(label, lambda n=length, p=prefill: one_unit(n, p))
+            done = f"{length} {prefill}" in section
+            results.attempt(label, lambda n=length, p=prefill: one_unit(n, p), done=done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +670,8 @@ def kvpress_stage(
         return ", ".join(f"{r['map']} {r['answered']}/{r['trials']}" for r in rows)
 
     for length in settings.map_lengths:
-        results.attempt(f"kvpress {length}", lambda n=length: one_length(n))
+        done = by_length.get(str(length), {}).get("status") == "ok"  # a failure is tried again
+        results.attempt(f"kvpress {length}", lambda n=length: one_length(n), done=done)
 
 
 def kvpress_rows(
@@ -737,13 +765,17 @@ def provenance(document: dict[str, Any]) -> list[str]:
     source = f"`{model['gguf']}` (sha256 {model['gguf_sha256'][:16]}…)" if model.get("gguf") else (
         f"the built-in `{model['name']}` ({model['revision']})"
     )  # fmt: skip
+    commands = list(dict.fromkeys(r["command"] for r in document.get("runs", []))) or [
+        document["command"]
+    ]
     return [
         f"Machine: {document['machine']}; transformers {document['transformers']}; "
         f"{document['date']}. Model: SmolLM2-135M-Instruct from "
-        f"{source}, dequantized to fp32. Results: `benchmarks/results/{document['file']}`.",
+        f"{source}, dequantized to fp32. Results: `benchmarks/results/{document['file']}`"
+        + (f", made by {len(commands)} runs of the same settings:" if len(commands) > 1 else "."),
         "",
         "```",
-        document["command"],
+        *commands,
         "```",
     ]
 
@@ -1009,7 +1041,8 @@ def parser() -> Parser:
         "--test-depths",
         type=number_list(float, 0, 1),
         default=d.test_depths,
-        help="needle depths of the causal, evaluate-map and kvpress trials",
+        help="needle depths of the causal, evaluate-map and kvpress trials (default "
+        "0.2,0.4,0.6,0.8: outside the recent window at 4K)",
     )
     p.add_argument(
         "--needles",
@@ -1096,6 +1129,12 @@ def parser() -> Parser:
     p.add_argument("--docs", action="store_true", help="write the tables into the docs pages")
     p.add_argument("--docs-dir", default=d.docs_dir, help="where export.md and probes.md are")
     p.add_argument("--report", type=Path, help="only write the docs from this results JSON")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new results file (default: add the missing units to one of the same "
+        "settings)",
+    )
     return p
 
 
@@ -1115,24 +1154,32 @@ def check_lengths(settings: Settings, model: Model) -> None:
             raise WorkbenchError(f"length {length}: {e}") from None
 
 
-def run(settings: Settings, out: Path, work: Path, command: str) -> Path:
-    """Load the model, run the chosen stages; returns the results JSON."""
+def earlier_results(path: Path, settings: Settings) -> dict[str, Any]:
+    """The results document at ``path`` when an earlier run made it with the same settings (but
+    for those of :data:`RUN_ONLY`), so that this run adds the units it lacks; else empty."""
+    if not path.is_file():
+        return {}
+    document = json.loads(path.read_text())
+    kept = {k: v for k, v in asdict(settings).items() if k not in RUN_ONLY}
+    earlier = {k: v for k, v in document.get("settings", {}).items() if k not in RUN_ONLY}
+    return document if earlier == json.loads(json.dumps(kept)) else {}
+
+
+def run(settings: Settings, out: Path, work: Path, command: str, fresh: bool = False) -> Path:
+    """Load the model, run the units of the chosen stages that the results file of the same
+    settings lacks (all of them with ``fresh``); returns the results JSON."""
     start = time.perf_counter()
-    model = load(settings.gguf or "smollm2-135m", device=settings.device)
-    load_seconds = round(time.perf_counter() - start, 2)
-    check_lengths(settings, model)
     name = device_name(settings.device)
     stem = f"smollm2-long-{slug(name)}"
     path, log = out / f"{stem}.json", out / f"{stem}.log"
+    document = {} if fresh else earlier_results(path, settings)
+    if "retrieval" not in settings.stages:
+        the_map(settings, document)  # the later stages need its trials: say so before loading
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    kept = {k: v for k, v in asdict(settings).items() if k not in RUN_ONLY}
-    document: dict[str, Any] = {}
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        same = {k: v for k, v in previous.get("settings", {}).items() if k not in RUN_ONLY}
-        if same == json.loads(json.dumps(kept)):
-            document = previous
+    model = load(settings.gguf or "smollm2-135m", device=settings.device)
+    load_seconds = round(time.perf_counter() - start, 2)
+    check_lengths(settings, model)
     document |= {
         "benchmark": "benchmarks.smollm2_long",
         "file": path.name,
@@ -1145,17 +1192,17 @@ def run(settings: Settings, out: Path, work: Path, command: str) -> Path:
         "settings": asdict(settings),
         "model": model.info.to_dict()
         | {"gguf": settings.gguf, "hf_dir": str(model.hf.name_or_path)},
-        "load_seconds": load_seconds,
     }
-    for earlier in ("skipped", "failed"):  # this run's say
+    for earlier in ("skipped", "failed"):  # what this run leaves out or fails, it says again
         document.pop(earlier, None)
     if settings.gguf:
         document["model"]["gguf_sha256"] = sha256(Path(settings.gguf))
+    this_run: dict[str, Any] = {"command": command, "load_seconds": load_seconds, "stages": {}}
+    document.setdefault("runs", []).append(this_run)
     results = Results(path, log, document, settings.time_limit)
     results.start = start
     results.log(f"{command}: {model} on {name}, loaded in {load_seconds} s")
     results.save()
-    timed = document.setdefault("stages", {})
 
     def stage(name: str, work_fn: Callable[[], None]) -> None:
         """A stage, timed and with its forward passes counted; what raises outside its units
@@ -1166,8 +1213,9 @@ def run(settings: Settings, out: Path, work: Path, command: str) -> Path:
                 work_fn()
             except Exception as e:  # recorded; the next stage still runs
                 results.failed(f"stage {name}", e)
-        timed[name] = {"seconds": round(time.perf_counter() - begin, 2), "forwards": counts}
-        results.log(f"stage {name}: {timed[name]['seconds']} s, forwards {counts}")
+        seconds = round(time.perf_counter() - begin, 2)
+        this_run["stages"][name] = {"seconds": seconds, "forwards": counts}
+        results.log(f"stage {name}: {seconds} s, forwards {counts}")
         results.save()
 
     if "retrieval" in settings.stages:
@@ -1175,8 +1223,7 @@ def run(settings: Settings, out: Path, work: Path, command: str) -> Path:
     later = [s for s in settings.stages if s != "retrieval"]
     try:
         if later:
-            from_lengths = mapped_lengths(settings, work)
-            table = combined_table(work, from_lengths)[0]
+            table, from_lengths = the_map(settings, document)
             policy = Policy(sink_size=settings.sink_size, recent_size=settings.recent_size)
             headmap = HeadMap(model.info, {"retrieval": table}, policy)
             maps = kv_maps(headmap, settings)
@@ -1196,8 +1243,8 @@ def run(settings: Settings, out: Path, work: Path, command: str) -> Path:
             stage("evaluate-map", lambda: evaluate_map_stage(model, maps, settings, results))
         if "kvpress" in later:
             stage("kvpress", lambda: kvpress_stage(model, headmap, maps, settings, work, results))
-    document["total_seconds"] = round(results.elapsed, 2)
-    results.log(f"done in {document['total_seconds']} s: {path}")
+    this_run["seconds"] = round(results.elapsed, 2)
+    results.log(f"done in {this_run['seconds']} s: {path}")
     results.save()
     return path
 
@@ -1214,14 +1261,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {written}")
             return 0
         settings = Settings(**{
-            k: v for k, v in vars(args).items() if k not in ("out", "work", "report")
+            k: v for k, v in vars(args).items() if k not in ("out", "work", "report", "fresh")
         })  # fmt: skip
         out = Path(args.out)
         work = Path(args.work) if args.work else out / "smollm2-long-work"
         command = shlex.join(["python", "-m", "benchmarks.smollm2_long", *argv])
-        if "retrieval" not in settings.stages:
-            mapped_lengths(settings, work)  # the later stages need its run files: before loading
-        path = run(settings, out, work, command)
+        path = run(settings, out, work, command, fresh=args.fresh)
         document = json.loads(path.read_text())
         if settings.docs:
             for written in write_docs(document, Path(settings.docs_dir)):

@@ -43,9 +43,18 @@ def docs_copy(tmp_path: Path) -> Path:
     return docs
 
 
+def outside(text: str, name: str) -> str:
+    """``text`` without the block ``name`` (if any), whitespace left out."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start in text:
+        text = text[: text.index(start)] + text[text.index(end) + len(end) :]
+    return "".join(text.split())
+
+
 @pytest.mark.slow
 def test_every_stage_runs_on_the_cpu_and_the_docs_get_the_tables(tmp_path):
     docs = docs_copy(tmp_path)
+    before = {page: (docs / page).read_text() for page in ("export.md", "probes.md")}
     out, work = tmp_path / "out", tmp_path / "work"
     argv = [*TINY, "--out", str(out), "--work", str(work), "--docs", "--docs-dir", str(docs),
             "--kvpress-python", str(kvpress_python())]  # fmt: skip
@@ -90,26 +99,35 @@ def test_every_stage_runs_on_the_cpu_and_the_docs_get_the_tables(tmp_path):
     }
     assert all(r["mask_is_the_map"] for r in served.values() if r["kind"] != "none")
     assert served["none"]["answered"] == 1  # the unpressed model finds this needle
-    stages = document["stages"]
-    assert list(stages) == list(bench.STAGES)
-    assert stages["retrieval"]["forwards"]["decode_steps"] > 0
-    assert stages["evaluate-map"]["forwards"]["prefill_calls"] > 0
+    (run,) = document["runs"]
+    assert list(run["stages"]) == list(bench.STAGES)
+    assert run["stages"]["retrieval"]["forwards"]["decode_steps"] > 0
+    assert run["stages"]["evaluate-map"]["forwards"]["prefill_calls"] > 0
 
     # the docs: a block after each anchor section, the rest of each page as it was
     for page, name, header in (
         ("probes.md", bench.PROBES_BLOCK, "| length | trials counted |"),
         ("export.md", bench.EXPORT_BLOCK, "| length | prefill | policy |"),
     ):
-        text, before = (docs / page).read_text(), (ROOT / "docs" / page).read_text()
+        text = (docs / page).read_text()
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         block = text[text.index(start) : text.index(end) + len(end)]
-        assert text.replace(block + "\n\n", "", 1).replace("\n\n" + block, "", 1) == before
+        assert outside(text, name) == outside(before[page], name)
         assert header in block and document["command"] in block and "CPU" in block
     export_page = (docs / "export.md").read_text()
     assert "| no press |" in export_page and "| yes |" in export_page
     written = {p: (docs / p).read_text() for p in ("export.md", "probes.md")}
     assert bench.main(["--report", str(path), "--docs-dir", str(docs)]) == 0  # same tables again
     assert {p: (docs / p).read_text() for p in written} == written
+
+    # the same command again: every unit is in the results file already, none runs again
+    assert bench.main(argv) == 0
+    again = json.loads(path.read_text())
+    assert len(again["runs"]) == 2 and not again.get("failed")
+    for stage in again["runs"][1]["stages"].values():
+        assert not any(stage["forwards"].values())
+    assert again["evaluate_map"] == document["evaluate_map"]
+    assert again["kvpress"]["by_length"] == document["kvpress"]["by_length"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +270,13 @@ def test_an_argument_is_taken_in_range_or_refused_in_one_line(flag, value):
 def test_bad_arguments_are_refused(flag, value):
     parsed, refused = parse(flag, value)
     assert parsed is None and refused[0] == 2 and refused[1].count("\n") == 1
+
+
+def test_later_stages_without_retrieval_trials_are_refused_before_loading(tmp_path, capsys):
+    argv = ["--device", "cpu", "--stages", "causal", "--out", str(tmp_path)]
+    assert bench.main(argv) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "run the retrieval stage first" in message
 
 
 def test_errors_before_the_model_are_one_line(tmp_path):
