@@ -41,7 +41,13 @@ import torch
 from torch import Tensor
 
 from kernels import reference
-from kernels.attention_stats import _next_pow2, _use_triton, attention_stats, dot_precision
+from kernels.attention_stats import (
+    _next_pow2,
+    _use_triton,
+    attention_stats,
+    dot_precision,
+    fast_tanh,
+)
 from kernels.blocks import key_blocks
 from kernels.reference import check_args, check_lse_and_query_mask, check_qk
 
@@ -67,72 +73,10 @@ def block_sizes(on_gpu: bool) -> tuple[int, int, int, int]:
 
 
 if triton is not None:
-    from kernels.attention_stats import _load_rows, _row_range
+    from kernels.attention_stats import _row_range, _scores
 
     # below every packed key: an empty slot of the running top-k
     _EMPTY = tl.constexpr(-(2**63))
-
-    @triton.jit
-    def _tanh(x):
-        """tanh from exp2 (the interpreter has no libdevice), ~1e-7 absolute error: the stats
-        kernel's fp32 form."""
-        t = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # e^{-2|x|}
-        y = tl.fdiv(1.0 - t, 1.0 + t, ieee_rounding=False)
-        return tl.where(x < 0, -y, y)
-
-    @triton.jit
-    def _block_logits(
-        q,
-        K_head,
-        start_n,
-        offs_n_base,
-        offs_d,
-        k_len,
-        stride_kn,
-        stride_kd,
-        d_head: tl.constexpr,
-        qpos,
-        first,
-        end,
-        pad_row,
-        qk_scale,
-        sm_scale,
-        softcap,
-        slope,
-        MASKED: tl.constexpr,
-        HAS_PAD: tl.constexpr,
-        TRANSFORM: tl.constexpr,
-        SOFTCAP: tl.constexpr,
-        ALIBI: tl.constexpr,
-        DOT_PREC: tl.constexpr,
-    ):
-        """Base-2 logits ``s · log2 e`` of one key block (`reference._logits`), -inf where not
-        visible: [BLOCK_M, BLOCK_N]."""
-        offs_n = start_n + offs_n_base  # [BLOCK_N]
-        k_ptrs = K_head + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        if MASKED:
-            k = tl.load(
-                k_ptrs, mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < d_head), other=0.0
-            )
-        else:
-            k = _load_rows(k_ptrs, offs_d, d_head)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
-        if TRANSFORM:  # Gemma 2's order: scale, cap, then the ALiBi bias
-            x = s * sm_scale
-            if SOFTCAP:
-                x = softcap * _tanh(x * (1.0 / softcap))
-            if ALIBI:
-                x += slope * (offs_n[None, :] - qpos[:, None]).to(tl.float32)
-            s = x * 1.4426950408889634
-        else:
-            s = s * qk_scale  # qk_scale = scale · log2 e
-        if MASKED:  # end <= k_len, so this also masks keys past the end
-            vis = (offs_n[None, :] >= first[:, None]) & (offs_n[None, :] < end[:, None])
-            if HAS_PAD:
-                real = tl.load(pad_row + offs_n, mask=offs_n < k_len, other=0)
-                vis = vis & (real[None, :] != 0)
-            s = tl.where(vis, s, -float("inf"))
-        return s
 
     @triton.jit
     def _pack(s2, offs_n):
@@ -190,15 +134,19 @@ if triton is not None:
         TRANSFORM: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
+        FAST_TANH: tl.constexpr,
         DOT_PREC: tl.constexpr,
         K_TOP: tl.constexpr,
     ):
         """Fold one key block into the running top-k ``best`` of the query block."""
-        s2 = _block_logits(
+        # the stats kernel's scores (`reference._logits`), -inf where not visible, in base 2
+        s2 = _scores(
             q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd, d_head, qpos,
-            first, end, pad_row, qk_scale, sm_scale, softcap, slope, MASKED, HAS_PAD, TRANSFORM,
-            SOFTCAP, ALIBI, DOT_PREC,
+            first, end, pad_row, sm_scale, softcap, slope, MASKED, HAS_PAD, TRANSFORM, SOFTCAP,
+            ALIBI, FAST_TANH, DOT_PREC,
         )  # fmt: skip
+        if not TRANSFORM:
+            s2 = s2 * qk_scale  # qk_scale = scale · log2 e
         packed = _pack(s2, start_n + offs_n_base)  # [BLOCK_M, BLOCK_N]
         # the running k-th key of each row (the smallest of its top-k): merge only if beaten
         beaten = tl.max(packed, axis=1) > tl.min(best, axis=1)  # [BLOCK_M]
@@ -246,6 +194,7 @@ if triton is not None:
         TRANSFORM: tl.constexpr,
         SOFTCAP: tl.constexpr,
         ALIBI: tl.constexpr,
+        FAST_TANH: tl.constexpr,
         DEFAULT_POS: tl.constexpr,
         DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -299,19 +248,19 @@ if triton is not None:
             best = _top_block(
                 best, q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd,
                 d_head, qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope, True,
-                HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, DOT_PREC, K_TOP,
+                HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, DOT_PREC, K_TOP,
             )  # fmt: skip
         for start_n in range(un_lo, un_hi, BLOCK_N):
             best = _top_block(
                 best, q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd,
                 d_head, qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope, False,
-                HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, DOT_PREC, K_TOP,
+                HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, DOT_PREC, K_TOP,
             )  # fmt: skip
         for start_n in range(un_hi, hi, BLOCK_N):
             best = _top_block(
                 best, q, K_head, start_n, offs_n_base, offs_d, k_len, stride_kn, stride_kd,
                 d_head, qpos, first, end, pad_row, qk_scale, sm_scale, softcap, slope, True,
-                HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, DOT_PREC, K_TOP,
+                HAS_PAD, TRANSFORM, SOFTCAP, ALIBI, FAST_TANH, DOT_PREC, K_TOP,
             )  # fmt: skip
 
         s2, index = _unpack(best)  # [BLOCK_M, K_TOP]
@@ -444,7 +393,8 @@ def _triton_top_keys(
         d_head=d_head, K_TOP=k_top, CAUSAL=causal, HAS_PAD=pad is not None,
         HAS_WINDOW=a.window is not None, HAS_CHUNK=a.chunk is not None, TRANSFORM=transform,
         SOFTCAP=a.softcap is not None, ALIBI=a.alibi_slopes is not None,
-        DEFAULT_POS=a.q_positions is None, DOT_PREC=dot_precision(q.dtype),
+        FAST_TANH=fast_tanh(q.dtype, q.is_cuda), DEFAULT_POS=a.q_positions is None,
+        DOT_PREC=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_next_pow2(d_head),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
