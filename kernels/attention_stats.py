@@ -400,6 +400,104 @@ if triton is not None:
         return valid, l_safe
 
     @triton.jit
+    def _query_block(
+        Q,
+        K,
+        QPOS,
+        PAD,
+        BOUNDS,
+        CHUNK_OFF,
+        SLOPES,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_pad_b,
+        stride_bounds_b,
+        n_heads,
+        group,
+        q_len,
+        k_len,
+        window,
+        chunk,
+        d_head: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        HAS_PAD: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        HAS_CHUNK: tl.constexpr,
+        ALIBI: tl.constexpr,
+        DEFAULT_POS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Where a program of the query-block kernels (`_stats_fwd`, `kernels.top_keys`) starts:
+        grid axis 0 is the query block (launched heaviest first, which shortens the tail of
+        causal grids), axis 1 the batch × head.
+
+        Returns its batch ``b``, head ``h``, kv head, rows ``offs_m`` [BLOCK_M] and which are
+        real, their key positions ``qpos`` (by default the last q_len keys, no tensor needed)
+        and visible key ranges ``[first, end)``, the ALiBi slope, the q tile [BLOCK_M, BLOCK_D],
+        the K and padding rows of the kv head, and the key runs ``(lo, un_lo, un_hi, hi)``
+        (`kernels.blocks`: masked [lo, un_lo), unmasked [un_lo, un_hi), masked [un_hi, hi);
+        every other key block is hidden from all rows and skipped).
+        """
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        kv_h = h // group  # GQA: the HF repeat_kv rule
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < q_len
+        if DEFAULT_POS:
+            qpos = tl.where(row_ok, offs_m + (k_len - q_len), -1)
+        else:
+            qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1).to(tl.int32)
+        chunk_off = 0
+        if HAS_CHUNK and HAS_PAD:  # chunks start at the row's first real token
+            chunk_off = tl.load(CHUNK_OFF + b).to(tl.int32)
+        first, end = _row_range(qpos, k_len, window, chunk, chunk_off, CAUSAL, HAS_WINDOW,
+                                HAS_CHUNK)  # fmt: skip
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(SLOPES + h).to(tl.float32)
+        q_ptrs = (
+            Q
+            + b.to(tl.int64) * stride_qb
+            + h.to(tl.int64) * stride_qh
+            + offs_m[:, None] * stride_qm
+            + offs_d[None, :] * stride_qd
+        )
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d_head), other=0.0)
+        K_head = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+        pad_row = PAD + b.to(tl.int64) * stride_pad_b
+        bounds = BOUNDS + b.to(tl.int64) * stride_bounds_b + pid_m * 4
+        lo = tl.load(bounds)
+        un_lo = tl.load(bounds + 1)
+        un_hi = tl.load(bounds + 2)
+        hi = tl.load(bounds + 3)
+        return (
+            b,
+            h,
+            kv_h,
+            offs_m,
+            row_ok,
+            qpos,
+            first,
+            end,
+            slope,
+            q,
+            K_head,
+            pad_row,
+            lo,
+            un_lo,
+            un_hi,
+            hi,
+        )
+
+    @triton.jit
     def _stats_fwd(
         Q,
         K,
@@ -474,50 +572,17 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         BLOCK_DV: tl.constexpr,
     ):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (causal) blocks first
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        kv_h = h // group  # GQA: the HF repeat_kv rule
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        (b, h, kv_h, offs_m, row_ok, qpos, first, end, slope, q, K_head, pad_row, lo, un_lo, un_hi,
+         hi) = _query_block(
+            Q, K, QPOS, PAD, BOUNDS, CHUNK_OFF, SLOPES, stride_qb, stride_qh, stride_qm, stride_qd,
+            stride_kb, stride_kh, stride_pad_b, stride_bounds_b, n_heads, group, q_len, k_len,
+            window, chunk, d_head, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_CHUNK, ALIBI, DEFAULT_POS,
+            BLOCK_M, BLOCK_D,
+        )  # fmt: skip
         offs_n_base = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        row_ok = offs_m < q_len
-        # [BLOCK_M] absolute key positions; by default the last q_len keys (no tensor needed)
-        if DEFAULT_POS:
-            qpos = tl.where(row_ok, offs_m + (k_len - q_len), -1)
-        else:
-            qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1).to(tl.int32)
-        chunk_off = 0
-        if HAS_CHUNK and HAS_PAD:  # chunks start at the row's first real token
-            chunk_off = tl.load(CHUNK_OFF + b).to(tl.int32)
-        first, end = _row_range(qpos, k_len, window, chunk, chunk_off, CAUSAL, HAS_WINDOW,
-                                HAS_CHUNK)  # fmt: skip
-        slope = 0.0
-        if ALIBI:
-            slope = tl.load(SLOPES + h).to(tl.float32)
-
-        q_ptrs = (
-            Q
-            + b.to(tl.int64) * stride_qb
-            + h.to(tl.int64) * stride_qh
-            + offs_m[:, None] * stride_qm
-            + offs_d[None, :] * stride_qd
-        )
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d_head), other=0.0)
-        K_head = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
         V_head = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-        pad_row = PAD + b.to(tl.int64) * stride_pad_b
-
-        # Key runs (kernels.blocks): masked [lo, un_lo), unmasked [un_lo, un_hi), masked
-        # [un_hi, hi); every other key block is hidden from all rows and skipped.
-        bounds = BOUNDS + b.to(tl.int64) * stride_bounds_b + pid_m * 4
-        lo = tl.load(bounds)
-        un_lo = tl.load(bounds + 1)
-        un_hi = tl.load(bounds + 2)
-        hi = tl.load(bounds + 3)
         if SPLIT:  # this program's share of the keys: [split_start, split_start + split_len)
             split_start = tl.program_id(2) * split_len
             lo = tl.minimum(tl.maximum(lo, split_start), split_start + split_len)

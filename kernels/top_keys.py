@@ -73,7 +73,7 @@ def block_sizes(on_gpu: bool) -> tuple[int, int, int, int]:
 
 
 if triton is not None:
-    from kernels.attention_stats import _row_range, _scores
+    from kernels.attention_stats import _query_block, _scores
 
     # below every packed key: an empty slot of the running top-k
     _EMPTY = tl.constexpr(-(2**63))
@@ -201,47 +201,15 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (causal) blocks first
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        kv_h = h // group  # GQA: the HF repeat_kv rule
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        (b, h, _kv_h, offs_m, row_ok, qpos, first, end, slope, q, K_head, pad_row, lo, un_lo, un_hi,
+         hi) = _query_block(
+            Q, K, QPOS, PAD, BOUNDS, CHUNK_OFF, SLOPES, stride_qb, stride_qh, stride_qm, stride_qd,
+            stride_kb, stride_kh, stride_pad_b, stride_bounds_b, n_heads, group, q_len, k_len,
+            window, chunk, d_head, CAUSAL, HAS_PAD, HAS_WINDOW, HAS_CHUNK, ALIBI, DEFAULT_POS,
+            BLOCK_M, BLOCK_D,
+        )  # fmt: skip
         offs_n_base = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < q_len
-        if DEFAULT_POS:  # the last q_len keys; rows past the end see nothing
-            qpos = tl.where(row_ok, offs_m + (k_len - q_len), -1)
-        else:
-            qpos = tl.load(QPOS + offs_m, mask=row_ok, other=-1).to(tl.int32)
-        chunk_off = 0
-        if HAS_CHUNK and HAS_PAD:  # chunks start at the row's first real token
-            chunk_off = tl.load(CHUNK_OFF + b).to(tl.int32)
-        first, end = _row_range(qpos, k_len, window, chunk, chunk_off, CAUSAL, HAS_WINDOW,
-                                HAS_CHUNK)  # fmt: skip
-        slope = 0.0
-        if ALIBI:
-            slope = tl.load(SLOPES + h).to(tl.float32)
-
-        q_ptrs = (
-            Q
-            + b.to(tl.int64) * stride_qb
-            + h.to(tl.int64) * stride_qh
-            + offs_m[:, None] * stride_qm
-            + offs_d[None, :] * stride_qd
-        )
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d_head), other=0.0)
-        K_head = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
-        pad_row = PAD + b.to(tl.int64) * stride_pad_b
-
-        # Key runs (kernels.blocks): masked [lo, un_lo), unmasked [un_lo, un_hi), masked
-        # [un_hi, hi); every other key block is hidden from all rows and skipped.
-        bounds = BOUNDS + b.to(tl.int64) * stride_bounds_b + pid_m * 4
-        lo = tl.load(bounds)
-        un_lo = tl.load(bounds + 1)
-        un_hi = tl.load(bounds + 2)
-        hi = tl.load(bounds + 3)
 
         best = tl.full([BLOCK_M, K_TOP], _EMPTY, tl.int64)
         for start_n in range(lo, un_lo, BLOCK_N):
