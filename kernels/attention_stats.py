@@ -93,7 +93,9 @@ def interpreting() -> bool:
     return triton is not None and type(_stats_fwd).__name__ == "InterpretedFunction"
 
 
-def block_sizes(d_head: int, on_gpu: bool, with_output: bool = False) -> tuple[int, int, int, int]:
+def block_sizes(
+    d_head: int, on_gpu: bool, with_output: bool = False, q_len: int | None = None
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the stats kernel.
 
     The fastest of ``python -m kernels.bench --sweep 16384`` on an H200 (bf16, 32 query / 8 KV
@@ -103,9 +105,14 @@ def block_sizes(d_head: int, on_gpu: bool, with_output: bool = False) -> tuple[i
     (10% faster than 128×128 on 8). Heads wider than 128 (MLA's 192) get 64-row blocks so that
     the q tile and accumulator fit; not tuned. The interpreter gets small blocks so that tests at
     a few hundred tokens still cross several blocks.
+
+    Decoding (``q_len`` of at most 16 on a GPU): 16-row blocks, so that a step is not 128 rows of
+    which one is real (its keys are split across programs instead, `key_splits`).
     """
     if not on_gpu:
         return 32, 32, 4, 1
+    if q_len is not None and q_len <= 16:
+        return 16, 64, 4, 3
     if d_head > 128:
         return (64, 64, 8, 2) if with_output else (64, 64, 4, 2)
     if d_head <= 64:
@@ -895,9 +902,7 @@ def _triton_stats(
     if pad is not None:
         pad = pad.view(torch.int8) if pad.stride(1) == 1 else pad.contiguous().view(torch.int8)
     vv = v if v is not None else k  # unread dummy when no output is requested
-    if config is None and q.is_cuda and q_len <= 16:  # decoding: no 128-row blocks of padding
-        config = (16, 64, 4, 3)
-    block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda, return_output)
+    block_m, block_n, warps, stages = config or block_sizes(d_head, q.is_cuda, return_output, q_len)
     bounds = key_blocks(
         a.q_positions, q_len, k_len, causal=causal, window=a.window, chunk=a.chunk,
         chunk_start=a.chunk_start, full_blocks=pad is None, block_m=block_m, block_n=block_n,

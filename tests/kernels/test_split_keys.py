@@ -60,3 +60,7 @@ def test_share_count_follows_the_grid():
     assert stats_module.key_splits(32, 512, 64, 132) == 2  # at least four key blocks a share
     assert stats_module.key_splits(32, 100, 64, 132) == 1
     assert stats_module.key_splits(4096, 32768, 64, 132) == 1
+    # a decoding step gets 16-row blocks on a GPU (not 128 rows of which one is real)
+    assert stats_module.block_sizes(128, True, q_len=1) == (16, 64, 4, 3)
+    assert stats_module.block_sizes(128, True, q_len=4096) == (128, 64, 4, 3)
+    assert stats_module.block_sizes(128, False, q_len=1) == (32, 32, 4, 1)
