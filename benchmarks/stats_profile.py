@@ -11,13 +11,12 @@
    say what bounds it: tensor-pipe, special-function (XU), FMA and ALU pipe utilisation, issue
    slot use and the top warp-stall reasons.
 
-Results: ``DIR/stats-profile.json`` and the raw ``ncu`` reports. ``--once MODE D L`` is the
-single call that ``ncu`` profiles (also usable by hand).
+Results: ``DIR/stats-profile.json`` and the raw ``ncu`` reports. ``--once MODE --d D --length L``
+is the single call that ``ncu`` profiles (also usable by hand).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from kernels import attention_stats
+from workbench.arguments import Parser, integer, output_dir
 from workbench.atomic import atomic_write_text
 
 MODES = ("stats", "stats+out")
@@ -97,8 +97,7 @@ def sass_counts(cache: Path) -> dict[str, dict[str, int]]:
 def ncu(mode: str, d: int, length: int, out: Path) -> dict[str, float | str]:
     """Nsight Compute counters of the second (warm) launch of ``_stats_fwd``: the sections'
     text report to a file, the metrics of `NCU_METRICS` parsed."""
-    target = [sys.executable, "-m", "benchmarks.stats_profile", "--once", mode, str(d),
-              str(length)]  # fmt: skip
+    target = [sys.executable, "-m", "benchmarks.stats_profile", *_once_args(mode, d, length)]
     base = ["ncu", "--clock-control", "none", "--kernel-name", "_stats_fwd", "--launch-skip", "1",
             "--launch-count", "1"]  # fmt: skip
     stem = f"ncu-{mode.replace('+', '_')}-d{d}"
@@ -123,28 +122,41 @@ def ncu(mode: str, d: int, length: int, out: Path) -> dict[str, float | str]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--once", nargs=3, metavar=("MODE", "D", "L"))
+def _once_args(mode: str, d: int, length: int) -> list[str]:
+    return ["--once", mode, "--d", str(d), "--length", str(length)]
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m benchmarks.stats_profile",
+                    description=__doc__.splitlines()[0])  # fmt: skip
+    parser.add_argument("--out", type=output_dir, help="results and ncu reports (needed)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--once", choices=MODES, help="only one warm call of this mode")
+    parser.add_argument("--d", type=integer(1, 256), default=SHAPES[0][0], help="with --once")
+    parser.add_argument("--length", type=integer(1), default=SHAPES[0][1], help="with --once")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.once is None and args.out is None:
+        parser.error("--out DIR is needed")
     if not torch.cuda.is_available():
         print("benchmarks.stats_profile needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.once:
-        once(args.once[0], int(args.once[1]), int(args.once[2]))
+        once(args.once, args.d, args.length)
         return 0
-    if args.out is None:
-        parser.error("--out DIR is needed")
+    args.out = Path(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__}
     for d, length in SHAPES:
         for mode in args.modes:
             cache = args.out / f"triton-cache-{mode.replace('+', '_')}-d{d}"
             env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
-            subprocess.run([sys.executable, "-m", "benchmarks.stats_profile", "--once", mode,
-                            str(d), str(length)], env=env, check=True)  # fmt: skip
+            subprocess.run([sys.executable, "-m", "benchmarks.stats_profile",
+                            *_once_args(mode, d, length)], env=env, check=True)  # fmt: skip
             name = f"{mode} d={d} L={length}"
             result[name] = {"sass": sass_counts(cache), "ncu": ncu(mode, d, length, args.out)}
             print(name, json.dumps(result[name]), flush=True)

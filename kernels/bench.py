@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import attention_stats, received_attention, reference, top_keys
+from workbench.arguments import Parser, integer, output_dir, output_file
 from workbench.atomic import atomic_write_text
 
 # the package re-exports functions under the submodules' names; fetch the modules themselves
@@ -732,23 +733,30 @@ def _replace_block(path: Path, start: str, end: str, body: list[str]) -> None:
     atomic_write_text(path, text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
-    parser.add_argument("--kv-heads", type=int, nargs="*", choices=sorted({n for n, _ in SHAPES}),
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=integer(1), nargs="*", default=list(LENGTHS))
+    parser.add_argument("--kv-heads", type=integer(1), nargs="*",
+                        choices=sorted({n for n, _ in SHAPES}),
                         help="only the shapes with these KV-head counts")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--out", type=output_dir, default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--docs", type=output_file, default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--check", action="store_true", help="correctness checks only")
-    parser.add_argument("--sweep", type=int, metavar="L", help="time block configs at length L")
+    parser.add_argument("--sweep", type=integer(1), metavar="L",
+                        help="time block configs at length L")  # fmt: skip
     parser.add_argument(
         "--variants",
         action="store_true",
         help="only the attention-variant rows (window, softcap, learned sinks)",
     )
-    parser.add_argument("--variant-lengths", type=int, nargs="*",
+    parser.add_argument("--variant-lengths", type=integer(1), nargs="*",
                         help="lengths of the variant rows (default: each variant's)")  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out, args.docs = Path(args.out), Path(args.docs)
     if not torch.cuda.is_available():
         if args.check:
             print("no CUDA GPU: a dry run of the checks, both sides the torch reference",

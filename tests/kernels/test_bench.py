@@ -1,10 +1,14 @@
 """The benchmark's bookkeeping (targets, tables, the docs blocks) on hand-made result rows, and
 ``--check`` as a CPU dry run; the timings themselves need a GPU (`python -m kernels.bench`)."""
 
+import contextlib
+import io
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernels import bench
 
@@ -114,3 +118,21 @@ def test_check_is_a_cpu_dry_run_without_a_gpu(capsys):
     out = capsys.readouterr().out
     assert out.count(" ok") == len(bench.CHECK_CASES)
     assert "window=65" in out and "sinks" in out and "d_v=128" in out and "alibi" in out
+
+
+@settings(max_examples=30, deadline=None)
+@given(kv=st.integers(-64, 64), length=st.integers(-(10**6), 10**6))
+def test_shapes_and_lengths_are_checked(kv, length):
+    argv = ["--kv-heads", str(kv), "--lengths", str(length)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            args = bench.build_parser().parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2
+            args = None
+    if kv in (8, 32) and length >= 1:
+        assert args.kv_heads == [kv] and args.lengths == [length] and not err.getvalue()
+    else:  # a usage error is one line
+        assert args is None and err.getvalue().count("\n") == 1
+        assert err.getvalue().startswith("python -m kernels.bench: error: argument")
