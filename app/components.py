@@ -1,11 +1,13 @@
-"""Small building blocks shared by the pages: panels, the run header, links, head parsing."""
+"""Small building blocks shared by the pages: panels, the run header, links, head parsing, and
+the controls of a background job."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import urlencode
 
-from dash import dcc, html
+from dash import Input, Output, dcc, html
 
 from workbench.models import ModelInfo
 
@@ -90,3 +92,41 @@ def parse_heads(text: str | None, info: ModelInfo) -> list[tuple[int, int]]:
 
 def format_heads(heads: list[tuple[int, int]]) -> str:
     return ", ".join(f"{layer}.{head}" for layer, head in heads)
+
+
+def job_controls(start: str, prefix: str, label: str) -> html.Div:
+    """A background job's start button (id ``start``), its cancel button and progress bar
+    (``{prefix}-cancel``, ``{prefix}-progress``, ``{prefix}-progress-text``): what
+    `job_options` wires to the job's callback."""
+    return html.Div(
+        [
+            html.Button(label, id=start, className="button"),
+            html.Button(
+                "cancel", id=f"{prefix}-cancel", className="button secondary", disabled=True
+            ),
+            html.Progress(id=f"{prefix}-progress", value="0", max="1"),
+            html.Span("", id=f"{prefix}-progress-text", className="muted"),
+        ],
+        className="progress-row",
+    )
+
+
+def job_options(start: str, prefix: str, *, interval: int, **extra: Any) -> dict[str, Any]:
+    """The keyword arguments that make a Dash callback the background job of `job_controls`:
+    start disabled and cancel enabled while it runs, progress as (value, max, text), and the
+    browser polling the job every ``interval`` ms."""
+    return dict(
+        background=True,
+        running=[
+            (Output(start, "disabled"), True, False),
+            (Output(f"{prefix}-cancel", "disabled"), False, True),
+        ],
+        progress=[
+            Output(f"{prefix}-progress", "value"),
+            Output(f"{prefix}-progress", "max"),
+            Output(f"{prefix}-progress-text", "children"),
+        ],
+        cancel=[Input(f"{prefix}-cancel", "n_clicks")],
+        interval=interval,
+        **extra,
+    )

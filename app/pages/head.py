@@ -31,7 +31,7 @@ import torch
 from dash import Input, Output, State, callback, dcc, html, no_update
 
 from app import catalog, compute, jobs
-from app.components import error_panel, href, note, run_header
+from app.components import error_panel, href, job_controls, job_options, note, run_header
 from interventions.circuit import Circuit
 from workbench import figures as figs
 from workbench.errors import WorkbenchError
@@ -202,17 +202,7 @@ def layout(
                 placeholder="type a prompt (used when 'typed text below' is chosen)",
                 className="textarea",
             ),
-            html.Div(
-                [
-                    html.Button("show", id="head-show", className="button"),
-                    html.Button(
-                        "cancel", id="head-cancel", className="button secondary", disabled=True
-                    ),
-                    html.Progress(id="head-progress", value="0", max="1"),
-                    html.Span("", id="head-progress-text", className="muted"),
-                ],
-                className="progress-row",
-            ),
+            job_controls("head-show", "head", "show"),
             html.Div(id="head-views"),
         ],
         className="page page-head",
@@ -466,17 +456,7 @@ def _ranking_controls(sets: list[tuple[str, str]]) -> list:
             ],
             className="row controls",
         ),
-        html.Div(
-            [
-                html.Button("rank", id="head-rank", className="button"),
-                html.Button(
-                    "cancel", id="head-rank-cancel", className="button secondary", disabled=True
-                ),
-                html.Progress(id="head-rank-progress", value="0", max="1"),
-                html.Span("", id="head-rank-progress-text", className="muted"),
-            ],
-            className="progress-row",
-        ),
+        job_controls("head-rank", "head-rank", "rank"),
         html.Div(id="head-ranked"),
     ]
 
@@ -487,19 +467,7 @@ def _ranking_controls(sets: list[tuple[str, str]]) -> list:
     State("head-rank-statistic", "value"),
     State("head-rank-set", "value"),
     State("head-id", "data"),
-    background=True,
-    running=[
-        (Output("head-rank", "disabled"), True, False),
-        (Output("head-rank-cancel", "disabled"), False, True),
-    ],
-    progress=[
-        Output("head-rank-progress", "value"),
-        Output("head-rank-progress", "max"),
-        Output("head-rank-progress-text", "children"),
-    ],
-    cancel=[Input("head-rank-cancel", "n_clicks")],
-    interval=250,
-    prevent_initial_call=True,
+    **job_options("head-rank", "head-rank", interval=250, prevent_initial_call=True),
 )
 def _rank(set_progress, _clicks, statistic: str, choice: str | None, ident: dict):
     """A background job: the layer's per-position statistics on every prompt of the set
@@ -679,18 +647,8 @@ def _check_item(item: int, n: int, what: str) -> None:
     State("head-window", "value"),
     State("head-text", "value"),
     State("head-id", "data"),
-    background=True,
-    running=[
-        (Output("head-show", "disabled"), True, False),
-        (Output("head-cancel", "disabled"), False, True),
-    ],
-    progress=[
-        Output("head-progress", "value"),
-        Output("head-progress", "max"),
-        Output("head-progress-text", "children"),
-    ],
-    cancel=[Input("head-cancel", "n_clicks")],
-    interval=250,  # ms between the browser's polls of the job: a cached prompt shows at once
+    # ms between the browser's polls of the job: a cached prompt shows at once
+    **job_options("head-show", "head", interval=250),
 )
 def _views(set_progress, _clicks, choice: str, item, window, typed: str | None, ident: dict):
     """A background job in the server (long prompts take a while on a CPU), with progress per

@@ -30,7 +30,16 @@ import pandas as pd
 from dash import ALL, Input, Output, State, callback, ctx, dcc, html, no_update
 
 from app import catalog, compute, jobs
-from app.components import error_panel, format_heads, href, note, parse_heads, run_header
+from app.components import (
+    error_panel,
+    format_heads,
+    href,
+    job_controls,
+    job_options,
+    note,
+    parse_heads,
+    run_header,
+)
 from interventions.evaluation import evaluate, sweep, top_heads
 from interventions.specs import spec_from_dict
 from workbench import figures as figs
@@ -264,17 +273,7 @@ def layout(
                 open=True,
                 id="lab-definitions",
             ),
-            html.Div(
-                [
-                    html.Button("run", id="lab-go", className="button"),
-                    html.Button(
-                        "cancel", id="lab-cancel", className="button secondary", disabled=True
-                    ),
-                    html.Progress(id="lab-progress", value="0", max="1"),
-                    html.Span("", id="lab-progress-text", className="muted"),
-                ],
-                className="progress-row",
-            ),
+            job_controls("lab-go", "lab", "run"),
             html.Div(id="lab-state"),
             html.Div(id="lab-result"),
             html.H3("Stored results"),
@@ -447,19 +446,8 @@ def _state(_cancel, _go):
     State("lab-n", "value"),
     State("lab-mode", "value"),
     State("lab-control", "value"),
-    background=True,
-    running=[
-        (Output("lab-go", "disabled"), True, False),
-        (Output("lab-cancel", "disabled"), False, True),
-    ],
-    progress=[
-        Output("lab-progress", "value"),
-        Output("lab-progress", "max"),
-        Output("lab-progress-text", "children"),
-    ],
-    cancel=[Input("lab-cancel", "n_clicks")],
-    interval=500,  # ms between the browser's polls of the job (progress, result)
-    prevent_initial_call=True,
+    # ms between the browser's polls of the job (progress, result)
+    **job_options("lab-go", "lab", interval=500, prevent_initial_call=True),
 )
 def _evaluate(set_progress, _clicks, run, heads_text, kind, param, task_choice, n, mode, control):
     cat = catalog.current()
