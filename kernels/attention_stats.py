@@ -982,6 +982,18 @@ def _triton_stats(
     return result
 
 
+def triton_args(q: Tensor, k: Tensor, **kwargs) -> reference._Args:
+    """The arguments of a kernel call on the Triton backend, checked once for every kernel
+    (`reference.check_args` without materialising default positions), plus what only the
+    kernels need: fp32/fp16/bf16 inputs and a positive, finite scale."""
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"the triton backend takes fp32/fp16/bf16 inputs, got {q.dtype}")
+    a = check_args(q, k, materialize_positions=False, **kwargs)
+    if not a.scale > 0 or not math.isfinite(a.scale):
+        raise ValueError(f"scale must be positive and finite, got {a.scale}")
+    return a
+
+
 def attention_stats(
     q: Tensor,
     k: Tensor,
@@ -1058,9 +1070,7 @@ def attention_stats(
             return_output=return_output,
             **variant,
         )
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"the triton backend takes fp32/fp16/bf16 inputs, got {q.dtype}")
-    a = check_args(
+    a = triton_args(
         q,
         k,
         scale=scale,
@@ -1069,11 +1079,8 @@ def attention_stats(
         spans=spans,
         sink_size=sink_size,
         recent_window=recent_window,
-        materialize_positions=False,
         **variant,
     )
-    if not a.scale > 0 or not math.isfinite(a.scale):
-        raise ValueError(f"scale must be positive and finite, got {a.scale}")
     return _triton_stats(
         q,
         k,

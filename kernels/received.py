@@ -28,15 +28,19 @@ thousand tokens the whole pass takes a few hundred microseconds.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from kernels import reference
-from kernels.attention_stats import _next_pow2, _use_triton, dot_precision, fast_tanh
+from kernels.attention_stats import (
+    _next_pow2,
+    _use_triton,
+    dot_precision,
+    fast_tanh,
+    triton_args,
+)
 from kernels.blocks import query_blocks
-from kernels.reference import check_args, check_lse_and_query_mask, check_qk
+from kernels.reference import check_lse_and_query_mask, check_qk
 
 try:
     import triton
@@ -283,14 +287,9 @@ def received_attention(
             q, k, lse, causal=causal, scale=scale, q_positions=q_positions,
             key_padding_mask=key_padding_mask, query_mask=query_mask, **variant,
         )  # fmt: skip
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"the triton backend takes fp32/fp16/bf16 inputs, got {q.dtype}")
-    a = check_args(
-        q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask,
-        materialize_positions=False, **variant,
-    )  # fmt: skip
-    if not a.scale > 0 or not math.isfinite(a.scale):
-        raise ValueError(f"scale must be positive and finite, got {a.scale}")
+    a = triton_args(
+        q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask, **variant
+    )
     return _triton_received(q, k, lse, a, causal=causal, query_mask=query_mask)
 
 

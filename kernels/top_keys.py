@@ -35,8 +35,6 @@ code written on a CPU runs on a GPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -47,9 +45,10 @@ from kernels.attention_stats import (
     attention_stats,
     dot_precision,
     fast_tanh,
+    triton_args,
 )
 from kernels.blocks import key_blocks
-from kernels.reference import check_args, check_lse_and_query_mask, check_qk
+from kernels.reference import check_lse_and_query_mask, check_qk
 
 try:
     import triton
@@ -303,14 +302,9 @@ def top_keys(
     if not _use_triton(backend, q):
         probs, index = reference.top_keys(q, k, lse, k_top=k_top, **masks)
         return probs.float(), index
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"the triton backend takes fp32/fp16/bf16 inputs, got {q.dtype}")
-    a = check_args(
-        q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask,
-        materialize_positions=False, **variant,
-    )  # fmt: skip
-    if not a.scale > 0 or not math.isfinite(a.scale):
-        raise ValueError(f"scale must be positive and finite, got {a.scale}")
+    a = triton_args(
+        q, k, scale=scale, q_positions=q_positions, key_padding_mask=key_padding_mask, **variant
+    )
     return _triton_top_keys(q, k, lse, a, causal=causal, k_top=k_top)
 
 
