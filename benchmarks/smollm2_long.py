@@ -1156,13 +1156,18 @@ def check_lengths(settings: Settings, model: Model) -> None:
 
 def earlier_results(path: Path, settings: Settings) -> dict[str, Any]:
     """The results document at ``path`` when an earlier run made it with the same settings (but
-    for those of :data:`RUN_ONLY`), so that this run adds the units it lacks; else empty."""
+    for those of :data:`RUN_ONLY`), so that this run adds the units it lacks; else empty. A file
+    written before runs were listed gets its one command as the first run."""
     if not path.is_file():
         return {}
     document = json.loads(path.read_text())
     kept = {k: v for k, v in asdict(settings).items() if k not in RUN_ONLY}
     earlier = {k: v for k, v in document.get("settings", {}).items() if k not in RUN_ONLY}
-    return document if earlier == json.loads(json.dumps(kept)) else {}
+    if earlier != json.loads(json.dumps(kept)):
+        return {}
+    if "runs" not in document and "command" in document:
+        document["runs"] = [{"command": document["command"]}]
+    return document
 
 
 def run(settings: Settings, out: Path, work: Path, command: str, fresh: bool = False) -> Path:

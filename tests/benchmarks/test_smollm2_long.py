@@ -14,6 +14,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +316,19 @@ def test_a_failed_unit_is_recorded_and_the_next_one_runs_until_the_time_limit(tm
         "kvpress 8128",
     ]
     assert "answered 3/10" in log[1] and "skipped" in log[2]
+
+
+def test_a_results_file_of_the_same_settings_is_continued_and_keeps_its_first_command(tmp_path):
+    same = bench.Settings(device="cpu", time_limit=60)
+    path = tmp_path / "r.json"
+    written = {
+        "settings": asdict(same) | {"time_limit": 5, "stages": ["retrieval"]},
+        "command": "python -m benchmarks.smollm2_long --first",
+        "causal": {"2048": {}},
+    }
+    path.write_text(json.dumps(written))
+    document = bench.earlier_results(path, same)
+    assert document["causal"] == {"2048": {}}  # run-only settings (time limit, stages) may differ
+    assert document["runs"] == [{"command": "python -m benchmarks.smollm2_long --first"}]
+    assert bench.earlier_results(path, bench.Settings(device="cpu", needles=3)) == {}
+    assert bench.earlier_results(tmp_path / "none.json", same) == {}
