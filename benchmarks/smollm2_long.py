@@ -440,9 +440,9 @@ def retrieval_stage(model: Model, settings: Settings, work: Path, results: Resul
         return f"{row['counted']}/{row['trials']} counted, {row['labelled']} labelled, top {top}"
 
     for length in settings.lengths:
-        done = "per_trial" in by_length.get(str(length), {})
+        done = length in trial_lengths(settings, results.document)
         results.attempt(f"retrieval {length}", lambda n=length: one_length(n), done=done)
-    done = [n for n in settings.lengths if "per_trial" in by_length.get(str(n), {})]
+    done = trial_lengths(settings, results.document)
     if done:
         parts = {n: stored_trials(by_length[str(n)]) for n in done}
         combined, trials = combined_table(list(parts.values()))
@@ -454,16 +454,28 @@ def retrieval_stage(model: Model, settings: Settings, work: Path, results: Resul
         results.save()
 
 
-def the_map(settings: Settings, document: dict[str, Any]) -> tuple[ScoreTable, list[int]]:
-    """The retrieval table the later stages use: the trials of every length of ``--lengths``
-    whose retrieval unit the results document holds, together; and those lengths."""
+def trial_lengths(settings: Settings, document: dict[str, Any]) -> list[int]:
+    """The lengths of ``--lengths`` whose per-trial retrieval scores the results document holds."""
     by_length = document.get("retrieval", {}).get("by_length", {})
-    found = [n for n in settings.lengths if "per_trial" in by_length.get(str(n), {})]
+    return [n for n in settings.lengths if "per_trial" in by_length.get(str(n), {})]
+
+
+def mapped_lengths(settings: Settings, document: dict[str, Any]) -> list[int]:
+    """The lengths the map is made of (`trial_lengths`); a `WorkbenchError` when there are none."""
+    found = trial_lengths(settings, document)
     if not found:
         raise WorkbenchError(
             f"no retrieval trials of lengths {settings.lengths} in the results file: run the "
             "retrieval stage first (--stages retrieval)"
         )
+    return found
+
+
+def the_map(settings: Settings, document: dict[str, Any]) -> tuple[ScoreTable, list[int]]:
+    """The retrieval table the later stages use: the trials of every length of ``--lengths``
+    whose retrieval unit the results document holds, together; and those lengths."""
+    found = mapped_lengths(settings, document)
+    by_length = document["retrieval"]["by_length"]
     return combined_table([stored_trials(by_length[str(n)]) for n in found])[0], found
 
 
@@ -1179,7 +1191,7 @@ def run(settings: Settings, out: Path, work: Path, command: str, fresh: bool = F
     path, log = out / f"{stem}.json", out / f"{stem}.log"
     document = {} if fresh else earlier_results(path, settings)
     if "retrieval" not in settings.stages:
-        the_map(settings, document)  # the later stages need its trials: say so before loading
+        mapped_lengths(settings, document)  # the later stages need its trials: before loading
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     model = load(settings.gguf or "smollm2-135m", device=settings.device)
