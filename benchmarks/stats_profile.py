@@ -2,8 +2,9 @@
 
 ``python -m benchmarks.stats_profile --out DIR`` (CUDA GPU with ``cuobjdump`` and ``ncu``):
 
-1. compiles the stats kernel (statistics only, and statistics + output) at d=128 and d=64 in bf16
-   with a fresh Triton cache under ``DIR``, disassembles each cubin with ``cuobjdump -sass`` and
+1. compiles the stats kernel (statistics only, and statistics + output) and the received-attention
+   kernel at d=128 in bf16 with a fresh Triton cache under ``DIR``, disassembles each cubin with
+   ``cuobjdump -sass`` and
    counts the instruction classes that matter here: ``HGMMA`` (Hopper's warpgroup matrix
    instruction; ``HMMA`` alone would mean the older, slower path), ``MUFU.EX2`` / ``MUFU.TANH``
    (the special-function unit: one per score for the softmax), and spills (``LDL``/``STL``);
@@ -27,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from kernels import attention_stats
+from kernels import attention_stats, received_attention
 from workbench.arguments import Parser, integer, output_dir
 from workbench.atomic import atomic_write_text
 
-MODES = ("stats", "stats+out")
+KERNELS = {"stats": "_stats_fwd", "stats+out": "_stats_fwd", "received": "_received_fwd"}
+MODES = tuple(KERNELS)
 SHAPES = ((128, 16384),)  # (d, L), H=32 query heads, 8 KV heads
 SASS_CLASSES = ("HGMMA", "HMMA", "MUFU.EX2", "MUFU.TANH", "MUFU.RCP", "FFMA", "FMUL", "FADD",
                 "FMNMX", "FSETP", "FSEL", "SEL", "LDL", "STL", "LDGSTS", "UTMALDG",
@@ -66,21 +68,23 @@ def once(mode: str, d: int, length: int) -> None:
     v = torch.randn(1, 8, length, d, device="cuda", dtype=torch.bfloat16, generator=g)
     kw = dict(sink_size=4, recent_window=256, spans=[[length // 3, length // 3 + 64]])
     for _ in range(2):
-        attention_stats(q, k, v, return_output=mode == "stats+out", **kw)
+        st = attention_stats(q, k, v, return_output=mode == "stats+out", **kw)
+        if mode == "received":
+            received_attention(q, k, st.lse)
     torch.cuda.synchronize()
 
 
-def sass_counts(cache: Path) -> dict[str, dict[str, int]]:
-    """Instruction-class counts of every compiled ``_stats_fwd`` cubin under a Triton cache."""
+def sass_counts(cache: Path, kernel: str) -> dict[str, dict[str, int]]:
+    """Instruction-class counts of every compiled ``kernel`` cubin under a Triton cache."""
     counts = {}
-    for cubin in sorted(cache.rglob("_stats_fwd.cubin")):
+    for cubin in sorted(cache.rglob(f"{kernel}.cubin")):
         sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout  # fmt: skip
         ops = collections.Counter(
             m.group(1)
-            for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9.]+)", sass)
+            for m in re.finditer(SASS_OP, sass)
         )
-        meta = json.loads((cubin.parent / "_stats_fwd.json").read_text())
+        meta = json.loads((cubin.parent / f"{kernel}.json").read_text())
         key = (
             f"{cubin.parent.name[:12]} warps={meta.get('num_warps')} "
             f"stages={meta.get('num_stages')}"
@@ -95,10 +99,10 @@ def sass_counts(cache: Path) -> dict[str, dict[str, int]]:
 
 
 def ncu(mode: str, d: int, length: int, out: Path) -> dict[str, float | str]:
-    """Nsight Compute counters of the second (warm) launch of ``_stats_fwd``: the sections'
-    text report to a file, the metrics of `NCU_METRICS` parsed."""
+    """Nsight Compute counters of the second (warm) launch of the mode's kernel (`KERNELS`): the
+    sections' text report to a file, the metrics of `NCU_METRICS` parsed."""
     target = [sys.executable, "-m", "benchmarks.stats_profile", *_once_args(mode, d, length)]
-    base = ["ncu", "--clock-control", "none", "--kernel-name", "_stats_fwd", "--launch-skip", "1",
+    base = ["ncu", "--clock-control", "none", "--kernel-name", KERNELS[mode], "--launch-skip", "1",
             "--launch-count", "1"]  # fmt: skip
     stem = f"ncu-{mode.replace('+', '_')}-d{d}"
     sections = [a for s in ("SpeedOfLight", "ComputeWorkloadAnalysis", "WarpStateStats",
@@ -158,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, "-m", "benchmarks.stats_profile",
                             *_once_args(mode, d, length)], env=env, check=True)  # fmt: skip
             name = f"{mode} d={d} L={length}"
-            result[name] = {"sass": sass_counts(cache), "ncu": ncu(mode, d, length, args.out)}
+            result[name] = {
+                "sass": sass_counts(cache, KERNELS[mode]),
+                "ncu": ncu(mode, d, length, args.out),
+            }
             print(name, json.dumps(result[name]), flush=True)
             atomic_write_text(args.out / "stats-profile.json", json.dumps(result, indent=1))
     return 0

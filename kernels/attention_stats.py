@@ -51,6 +51,7 @@ output to [n_splits, ...] buffers, and `_combine_splits` merges them with the we
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -835,7 +836,9 @@ def _next_pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
+    # cached: looking the properties up costs microseconds on every decode step's launch
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 

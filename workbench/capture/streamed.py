@@ -300,7 +300,11 @@ class StreamedRecorder:
         # non-blocking: the GPU goes on with the next layer; `forwards` synchronizes
         if rec is not None:
             run.received[layer] = rec.to(self.device, non_blocking=True)
-        run.stats[layer] = st.apply(lambda t: t.to(self.device, non_blocking=True))
+        if not _already_on(
+            self.device, query.device
+        ):  # a no-op `.to` per field costs while decoding
+            st = st.apply(lambda t: t.to(self.device, non_blocking=True))
+        run.stats[layer] = st
         return layer, output
 
     def _kept_rows(
@@ -338,6 +342,14 @@ class StreamedRecorder:
             # a list stays a list: the kernels cache span lists on the device
             kept["spans"] = shifted if isinstance(self.spans, Tensor) else shifted.tolist()
         return kept
+
+
+def _already_on(target: torch.device, actual: torch.device) -> bool:
+    """Whether ``tensor.to(target)`` of a tensor on ``actual`` is a no-op (``"cuda"`` without an
+    index means the current GPU)."""
+    if target.index is None and target.type == "cuda" == actual.type:
+        return actual.index == torch.cuda.current_device()
+    return target == actual
 
 
 def _mean_over_queries(st: AttentionStats, query_mask: Tensor | None) -> AttentionStats:
