@@ -693,9 +693,7 @@ def targets(result: dict) -> list[dict[str, Any]]:
         for r in decode_rows
         if r["variant"] == "plain" and r.get("sdpa") == result["decode"]["baseline"]
     )
-    added = [
-        r["syncs_per_token"] - plain_syncs for r in recorded if r["syncs_per_token"] is not None
-    ]
+    with_recorder = [r["syncs_per_token"] for r in recorded if r["syncs_per_token"] is not None]
     return [
         {
             "target": f"streamed scan ≤ {TARGETS['scan']}× plain with the fastest SDPA backend "
@@ -723,9 +721,9 @@ def targets(result: dict) -> list[dict[str, Any]]:
         {
             "target": "the recorder adds no host-device synchronisation while decoding",
             "measured": "not measured (no CUDA)"
-            if not added
-            else f"{max(added):+.2f} per token (plain: {plain_syncs:.2f})",
-            "met": None if not added else max(added) <= 0,
+            if not with_recorder
+            else f"{max(with_recorder):.2f} per token with the recorder, {plain_syncs:.2f} plain",
+            "met": None if not with_recorder else max(with_recorder) <= plain_syncs,
         },
     ]
 

@@ -80,10 +80,7 @@ def sass_counts(cache: Path, kernel: str) -> dict[str, dict[str, int]]:
     for cubin in sorted(cache.rglob(f"{kernel}.cubin")):
         sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout  # fmt: skip
-        ops = collections.Counter(
-            m.group(1)
-            for m in re.finditer(SASS_OP, sass)
-        )
+        ops = collections.Counter(m.group(1) for m in re.finditer(SASS_OP, sass))
         meta = json.loads((cubin.parent / f"{kernel}.json").read_text())
         key = (
             f"{cubin.parent.name[:12]} warps={meta.get('num_warps')} "

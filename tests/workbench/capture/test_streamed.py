@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels import stats_from_pattern
-from workbench.capture.streamed import ATTENTION_NAME, StreamedRecorder
+from workbench.capture.streamed import ATTENTION_NAME, StreamedRecorder, _already_on
 
 ATOL = 1e-4
 KW = dict(sink_size=2, recent_window=3, spans=[[2, 5], [7, 12]])
@@ -372,3 +372,23 @@ def test_on_attention_hands_over_values_and_output(llama, batch, seq, padded, q_
             torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=0, rtol=0)
     for got, want in zip(rec.received, plain.received, strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "target, actual, current, expected",
+    [
+        ("cpu", "cpu", 0, True),
+        ("cpu", "cuda:0", 0, False),
+        ("cuda:1", "cuda:1", 0, True),
+        ("cuda:0", "cuda:1", 0, False),
+        ("cuda", "cuda:0", 0, True),  # "cuda" is the current GPU
+        ("cuda", "cuda:1", 0, False),
+        ("cuda", "cuda:1", 1, True),
+        ("cuda", "cpu", 0, False),
+    ],
+)
+def test_the_recorder_skips_only_copies_that_would_not_move(
+    monkeypatch, target, actual, current, expected
+):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    assert _already_on(torch.device(target), torch.device(actual)) is expected
