@@ -36,15 +36,9 @@ from typing import Any
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from transformers import DynamicCache, LlamaConfig
+from transformers import DynamicCache
 
-from benchmarks.e2e_streamed import (
-    SDPA_BACKENDS,
-    SEVEN_B,
-    TINY,
-    build_model,
-    generate,
-)
+from benchmarks.e2e_streamed import MIN_LENGTH, SDPA_BACKENDS, generate, gpu_missing, setup
 from workbench.arguments import Parser, device, integer, output_dir
 from workbench.atomic import atomic_write_text
 from workbench.capture import StreamedRecorder
@@ -163,7 +157,9 @@ def profile_phase(name: str, fn: Callable[[], Any], steps: int, out: Path) -> di
 def build_parser() -> Parser:
     parser = Parser(prog="python -m benchmarks.e2e_profile", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=output_dir, required=True, help="results and traces")
-    parser.add_argument("--length", type=integer(16), default=None, help="default 32768")
+    parser.add_argument(
+        "--length", type=integer(MIN_LENGTH), default=None, help="default 32768, 128 with --tiny"
+    )
     parser.add_argument("--layers", type=integer(1), default=None, help="default 32")
     parser.add_argument("--decode-tokens", type=integer(1), default=8)
     parser.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="cudnn")
@@ -174,23 +170,13 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --device cpu for a dry run)", file=sys.stderr)
+    if gpu_missing(args.device):
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    length = args.length or (128 if args.tiny else 32768)
-    layers = args.layers or (2 if args.tiny else 32)
     n = args.decode_tokens
-    config = LlamaConfig(
-        **(TINY if args.tiny else SEVEN_B),
-        num_hidden_layers=layers,
-        max_position_embeddings=length + 2 * n,
-    )
-    model = build_model(config, args.device)
-    gen = torch.Generator(args.device).manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (1, length), device=args.device, generator=gen)
-    kw = dict(sink_size=4, recent_window=256, spans=[[length // 3, length // 3 + 64]])
+    model, ids, kw = setup(args.tiny, args.length, args.layers, n, args.device)
+    length, layers = ids.shape[1], model.config.num_hidden_layers
     here = torch.device(args.device)
     on_gpu = here.type == "cuda"
 

@@ -608,28 +608,42 @@ def build_parser() -> Parser:
     return parser
 
 
+def gpu_missing(device: str) -> bool:
+    """True, after saying so on stderr, when ``device`` is a GPU this machine does not have."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --device cpu for a dry run)", file=sys.stderr)
+        return True
+    return False
+
+
+def setup(
+    tiny: bool, length: int | None, layers: int | None, decode_tokens: int, device: str
+) -> tuple[LlamaForCausalLM, torch.Tensor, dict[str, Any]]:
+    """The benchmark's model (the Llama-2-7B shape with 32 layers, or `TINY` with 2, unless
+    ``layers``), its random prompt ``ids [1, length]`` (seed 0; 32768 tokens, or `MIN_LENGTH`
+    with ``tiny``) and the recorder's arguments (sink 4, recent window 256, one span at L/3)."""
+    length = length or (MIN_LENGTH if tiny else 32768)
+    config = LlamaConfig(
+        **(TINY if tiny else SEVEN_B),
+        num_hidden_layers=layers or (2 if tiny else 32),
+        max_position_embeddings=length + decode_tokens,
+    )
+    model = build_model(config, device)
+    gen = torch.Generator(device).manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, length), device=device, generator=gen)
+    kw = dict(sink_size=4, recent_window=256, spans=[[length // 3, length // 3 + LAST]])
+    return model, ids, kw
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --device cpu for a dry run)", file=sys.stderr)
+    if gpu_missing(args.device):
         return 2
     if args.check:
         return 0 if check(args.device) else 1
-    length = args.length or (MIN_LENGTH if args.tiny else 32768)
-    layers = args.layers or (2 if args.tiny else 32)
-    shape = TINY if args.tiny else SEVEN_B
-    config = LlamaConfig(
-        **shape, num_hidden_layers=layers, max_position_embeddings=length + args.decode_tokens
-    )
-    model = build_model(config, args.device)
-    ids = torch.randint(
-        0,
-        config.vocab_size,
-        (1, length),
-        device=args.device,
-        generator=torch.Generator(args.device).manual_seed(0),
-    )
-    kw = dict(sink_size=4, recent_window=256, spans=[[length // 3, length // 3 + LAST]])
+    model, ids, kw = setup(args.tiny, args.length, args.layers, args.decode_tokens, args.device)
+    config, length = model.config, ids.shape[1]
+    layers = config.num_hidden_layers
 
     prefill = scan(model, ids, kw, args.repeats)
     decoding = decode(model, ids, kw, args.decode_tokens, args.repeats, prefill["baseline"])
