@@ -794,9 +794,15 @@ def write_intervention_result(
     """Store one intervention result (the JSON of an evaluation or a per-head sweep, as the
     explorer's lab writes it) under ``/results/<name>`` of the run file at ``path``, replacing
     a result of that name. The run must belong to the model the result was measured on; the
-    file is changed through :func:`edit_run` (atomic, sealed)."""
+    file is changed through :func:`edit_run` (atomic, sealed). ``result_json`` must be JSON
+    text (which never holds a raw NUL, the one character an HDF5 string cannot)."""
     if name in ("", ".") or "/" in name or "\x00" in name:
         raise RunFileError(f"a result name is a name without '/' (an HDF5 name), not {name!r}")
+    try:
+        json.loads(result_json)
+        result_json.encode()  # a lone surrogate passes json.loads but is not UTF-8
+    except (TypeError, ValueError) as error:
+        raise RunFileError(f"result {name!r} is not JSON text: {error}") from None
     with edit_run(path, info) as f:
         key = f"results/{name}"
         if key in f:

@@ -53,7 +53,18 @@ def test_a_result_of_another_model_or_a_bad_name_is_refused(tmp_path, tiny_model
     for bad in ("", ".", "a/b", "a\x00b"):
         with pytest.raises(RunFileError, match="result name"):
             write_intervention_result(path, bad, "{}", tiny_model.info)
+    for bad in ("", "{", "not json", '{"a": "\x00"}', "\x00", '"\ud800"', None):
+        with pytest.raises(RunFileError, match="not JSON text"):
+            write_intervention_result(path, "x", bad, tiny_model.info)
     assert intervention_results(path) == {}
+
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)))  # any character a str can encode
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=8,
+)
 
 
 @settings(
@@ -63,9 +74,13 @@ def test_a_result_of_another_model_or_a_bad_name_is_refused(tmp_path, tiny_model
     name=st.text(
         st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1
     ).filter(lambda name: name != "."),
-    text=st.text(st.characters(blacklist_categories=("Cs",))),
+    value=JSON,
+    ascii_only=st.booleans(),
 )
-def test_any_name_and_text_round_trip(tmp_path_factory, tiny_model, name: str, text: str) -> None:
+def test_any_name_and_json_text_round_trip(
+    tmp_path_factory, tiny_model, name: str, value, ascii_only: bool
+) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only)  # any character, NUL too, escaped by JSON
     path = _run(tmp_path_factory.mktemp("results") / "r.h5", tiny_model.info)
     write_intervention_result(path, name, text, tiny_model.info)
     assert intervention_results(path) == {name: text}
