@@ -300,9 +300,8 @@ class StreamedRecorder:
         # non-blocking: the GPU goes on with the next layer; `forwards` synchronizes
         if rec is not None:
             run.received[layer] = rec.to(self.device, non_blocking=True)
-        if not _already_on(
-            self.device, query.device
-        ):  # a no-op `.to` per field costs while decoding
+        # a no-op `.to` per field costs host time on every decoding step
+        if not _already_on(self.device, query.device):
             st = st.apply(lambda t: t.to(self.device, non_blocking=True))
         run.stats[layer] = st
         return layer, output
