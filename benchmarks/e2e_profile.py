@@ -14,8 +14,8 @@ kernel intervals in the trace: where it is well under the wall time, the host is
 the device time per kernel group (SDPA, our statistics kernels, GEMMs, the rest), kernel launches
 per step, and the host functions that take the time: a second run of the same phase under
 cProfile (which slows Python down, so only its shares are read), per function inclusive of
-callees. Results: ``DIR/e2e-profile.json``, the operator table and the cProfile report per phase,
-and one Chrome trace per decode phase (open in https://ui.perfetto.dev).
+callees. Results: ``DIR/e2e-profile.json`` and, per phase, the operator table, the cProfile
+report and a Chrome trace (open in https://ui.perfetto.dev). Every file is written atomically.
 
 ``--tiny --device cpu`` is the dry run on a tiny random Llama (CPU activities only).
 """
@@ -23,6 +23,7 @@ and one Chrome trace per decode phase (open in https://ui.perfetto.dev).
 from __future__ import annotations
 
 import cProfile
+import io
 import json
 import pstats
 import re
@@ -40,7 +41,7 @@ from transformers import DynamicCache
 
 from benchmarks.e2e_streamed import MIN_LENGTH, SDPA_BACKENDS, generate, gpu_missing, setup
 from workbench.arguments import Parser, device, integer, output_dir
-from workbench.atomic import atomic_write_text
+from workbench.atomic import atomic_path, atomic_write_text
 from workbench.capture import StreamedRecorder
 
 # kernel name -> group, first match wins (cuDNN's and flash's SDPA kernels, our Triton kernels)
@@ -141,15 +142,15 @@ def profile_phase(name: str, fn: Callable[[], Any], steps: int, out: Path) -> di
     stem = re.sub(r"[^a-z0-9]+", "-", name)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     atomic_write_text(out / f"{stem}-operators.txt", table)
-    if name.startswith("decode"):
-        prof.export_chrome_trace(str(out / f"{stem}-trace.json"))
+    with atomic_path(out / f"{stem}-trace.json") as tmp:
+        prof.export_chrome_trace(str(tmp))
     profiler = cProfile.Profile()
     profiler.runcall(fn)
     _sync()
-    stats = pstats.Stats(profiler)
-    result["host_ms_by_function_under_cprofile"] = host_functions(stats, steps)
-    with (out / f"{stem}-cprofile.txt").open("w") as report:  # a diagnostic, not a result
-        pstats.Stats(profiler, stream=report).sort_stats("cumulative").print_stats(60)
+    result["host_ms_by_function_under_cprofile"] = host_functions(pstats.Stats(profiler), steps)
+    report = io.StringIO()
+    pstats.Stats(profiler, stream=report).sort_stats("cumulative").print_stats(60)
+    atomic_write_text(out / f"{stem}-cprofile.txt", report.getvalue())
     print(name, json.dumps(result), flush=True)
     return result
 

@@ -4,10 +4,10 @@
 
 1. compiles the stats kernel (statistics only, and statistics + output) and the received-attention
    kernel at d=128 in bf16 with a fresh Triton cache under ``DIR``, disassembles each cubin with
-   ``cuobjdump -sass`` and
-   counts the instruction classes that matter here: ``HGMMA`` (Hopper's warpgroup matrix
-   instruction; ``HMMA`` alone would mean the older, slower path), ``MUFU.EX2`` / ``MUFU.TANH``
-   (the special-function unit: one per score for the softmax), and spills (``LDL``/``STL``);
+   ``cuobjdump -sass`` and counts the instruction classes that matter here: ``HGMMA``
+   (Hopper's warpgroup matrix instruction; ``HMMA`` alone would mean the older, slower path),
+   ``MUFU.EX2`` / ``MUFU.TANH`` (the special-function unit: one per score for the softmax), and
+   spills (``LDL``/``STL``);
 2. runs one warm call of each under ``ncu --clock-control none`` and records the counters that
    say what bounds it: tensor-pipe, special-function (XU), FMA and ALU pipe utilisation, issue
    slot use and the top warp-stall reasons.

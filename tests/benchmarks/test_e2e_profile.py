@@ -52,6 +52,12 @@ def test_kernels_are_grouped_by_name(name, group):
     assert e2e_profile.kernel_group(name) == group
 
 
+KINDS = ("operators.txt", "cprofile.txt", "trace.json")
+
+
+STEMS = ("scan-plain", "scan-recorded", "decode-plain", "decode-recorded")
+
+
 def test_tiny_run_profiles_every_phase_on_the_cpu(tmp_path):
     argv = ["--tiny", "--device", "cpu", "--decode-tokens", "2", "--out", str(tmp_path)]
     assert e2e_profile.main(argv) == 0
@@ -68,10 +74,12 @@ def test_tiny_run_profiles_every_phase_on_the_cpu(tmp_path):
     assert not ours("decode plain") and not ours("scan plain")
     assert any("streamed_attention" in f for f in ours("decode recorded"))
     assert any("streamed_attention" in f for f in ours("scan recorded"))
-    for stem in ("scan-plain", "scan-recorded", "decode-plain", "decode-recorded"):
+    for stem in STEMS:
         assert "Self CPU" in (tmp_path / f"{stem}-operators.txt").read_text()
         assert "cumulative" in (tmp_path / f"{stem}-cprofile.txt").read_text()
-    assert json.loads((tmp_path / "decode-recorded-trace.json").read_text())["traceEvents"]
+        assert json.loads((tmp_path / f"{stem}-trace.json").read_text())["traceEvents"]
+    written = {"e2e-profile.json"} | {f"{s}-{k}" for s in STEMS for k in KINDS}
+    assert {f.name for f in tmp_path.iterdir()} == written  # no temporary file left behind
 
 
 @pytest.mark.parametrize(
@@ -84,3 +92,25 @@ def test_bad_arguments_are_one_line_usage_errors(argv, tmp_path):
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
         e2e_profile.main(full)
     assert e.value.code == 2 and err.getvalue().count("\n") == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(-(10**6), 10**6),
+    layers=st.integers(-100, 100),
+    tokens=st.integers(-100, 100),
+)
+def test_counts_are_checked_integers(length, layers, tokens):
+    argv = ["--out", "x", "--length", str(length), "--layers", str(layers),
+            "--decode-tokens", str(tokens)]  # fmt: skip
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            args = e2e_profile.build_parser().parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2 and err.getvalue().count("\n") == 1
+            args = None
+    ok = length >= e2e_profile.MIN_LENGTH and layers >= 1 and tokens >= 1
+    assert (args is not None) == ok
+    if ok:
+        assert (args.length, args.layers, args.decode_tokens) == (length, layers, tokens)
